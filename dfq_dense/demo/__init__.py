@@ -1,0 +1,79 @@
+"""The embedded demo: a generated dataset and two small trained models."""
+import hashlib
+import json
+import os.path as osp
+
+from .dataset import (DEFAULT_SEED, DEFAULT_SIZE, SEG_CLASSES, THING_CLASSES,
+                      demo_metainfo, generate_demo_dataset, render_scene)
+
+CHECKPOINT_DIR = osp.join(osp.dirname(__file__), 'checkpoints')
+MANIFEST = osp.join(CHECKPOINT_DIR, 'manifest.json')
+# Demo model name -> (task, config relative to the repo root).
+DEMO_MODELS = {
+    'mask_rcnn_swin_demo': ('det', 'configs/demo/mask_rcnn_swin_demo.py'),
+    'upernet_swin_demo': ('seg', 'configs/demo/upernet_swin_demo.py'),
+}
+
+
+def demo_checkpoint(name):
+    """Path of a shipped demo checkpoint."""
+    return osp.join(CHECKPOINT_DIR, f'{name}.pth')
+
+
+def load_manifest():
+    """Training command, sha256 and recorded FP metrics of each checkpoint."""
+    if not osp.isfile(MANIFEST):
+        return {}
+    with open(MANIFEST) as f:
+        return json.load(f)
+
+
+def sha256sum(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def set_demo_data_root(cfg, root, splits=None):
+    """Point every dataloader and evaluator of a demo config at ``root``.
+
+    ``splits`` (e.g. ``dict(train=8, val=4)``) shrinks the generated dataset,
+    which the quick training mode and the tests use.
+    """
+    root = root.rstrip('/')
+    cfg.demo_dataset.root = root
+    if splits is not None:
+        cfg.demo_dataset.splits = splits
+    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        if cfg.get(key) is not None:
+            cfg[key].dataset.data_root = root
+    for key in ('val_evaluator', 'test_evaluator'):
+        ev = cfg.get(key)
+        if isinstance(ev, dict) and 'ann_file' in ev:
+            ev.ann_file = osp.join(root, 'annotations',
+                                   osp.basename(ev.ann_file))
+    return cfg
+
+
+def ensure_demo_data(cfg):
+    """Generate the demo dataset a config asks for (``demo_dataset``).
+
+    A no-op for configs without ``demo_dataset`` and when an identical dataset
+    already exists.
+    """
+    spec = cfg.get('demo_dataset')
+    if not spec:
+        return None
+    return generate_demo_dataset(
+        spec['root'], seed=spec.get('seed', DEFAULT_SEED),
+        size=spec.get('size', DEFAULT_SIZE), splits=spec.get('splits'))
+
+
+__all__ = [
+    'CHECKPOINT_DIR', 'DEMO_MODELS', 'SEG_CLASSES', 'THING_CLASSES',
+    'demo_checkpoint', 'demo_metainfo', 'ensure_demo_data',
+    'generate_demo_dataset', 'load_manifest', 'render_scene',
+    'set_demo_data_root', 'sha256sum'
+]

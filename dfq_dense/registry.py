@@ -1,0 +1,33 @@
+"""Registries of dfq_dense, children of mmengine's roots.
+
+Being children of the roots (scope ``dfq_dense``) makes every piece reachable
+from an mmdet or an mmseg config as ``type='dfq_dense.Name'``, and lets
+mmengine's ``_scope_`` switching find them.
+"""
+from mmengine.registry import HOOKS as MMENGINE_HOOKS
+from mmengine.registry import LOOPS as MMENGINE_LOOPS
+from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import TASK_UTILS as MMENGINE_TASK_UTILS
+from mmengine.registry import Registry
+
+# Synthesizers (data sources), quantized modules and quantizers.
+MODELS = Registry('model', parent=MMENGINE_MODELS,
+                  locations=['dfq_dense.synth', 'dfq_dense.quant'])
+# Observers / calibrators.
+TASK_UTILS = Registry('task util', parent=MMENGINE_TASK_UTILS,
+                      locations=['dfq_dense.quant'])
+HOOKS = Registry('hook', parent=MMENGINE_HOOKS,
+                 locations=['dfq_dense.engine'])
+LOOPS = Registry('loop', parent=MMENGINE_LOOPS,
+                 locations=['dfq_dense.engine'])
+
+
+def build(registry, cfg, **kwargs):
+    """Build ``cfg`` from ``registry`` inside the dfq_dense scope.
+
+    Under ``default_scope='mmdet'`` a plain ``registry.build`` would look the
+    type up in mmdet's registry; ``_scope_`` pins the look-up to ours.
+    """
+    cfg = dict(cfg)
+    cfg.setdefault('_scope_', 'dfq_dense')
+    return registry.build(cfg, **kwargs)

@@ -1,0 +1,129 @@
+"""Train one of the two demo models with mmdet's / mmseg's own Runner.
+
+    python tools/train_demo.py det            # Mask R-CNN, full schedule
+    python tools/train_demo.py seg            # UperNet, full schedule
+    python tools/train_demo.py det --quick    # a few iterations on 8 images
+
+The full run exports the weights (fp16, weights only) to
+``dfq_dense/demo/checkpoints/<name>.pth``, evaluates them in full precision
+through Runner.test and records sha256, command and metrics in
+``dfq_dense/demo/checkpoints/manifest.json``.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import shlex
+import sys
+import tempfile
+import time
+
+import torch
+from mmengine.config import DictAction
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('task', choices=['det', 'seg'])
+    parser.add_argument('--iters', type=int, help='override max_iters')
+    parser.add_argument('--work-dir', help='training work dir')
+    parser.add_argument('--quick', action='store_true',
+                        help='3 iterations on a tiny generated dataset; '
+                        'exports into the work dir only')
+    parser.add_argument('--out', help='exported checkpoint path')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings (key=value)')
+    return parser.parse_args()
+
+
+def export_weights(src, dst, meta):
+    """Weights-only fp16 copy of an mmengine checkpoint, written atomically."""
+    from dfq_dense.utils.checkpoint import safe_torch_load
+    state = safe_torch_load(src)['state_dict']
+    state = {k: v.half() if v.is_floating_point() else v
+             for k, v in state.items()}
+    os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=osp.dirname(osp.abspath(dst)),
+                               suffix='.tmp')
+    os.close(fd)
+    try:
+        torch.save(dict(state_dict=state, meta=meta), tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path, obj):
+    fd, tmp = tempfile.mkstemp(dir=osp.dirname(osp.abspath(path)),
+                               suffix='.tmp')
+    with os.fdopen(fd, 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write('\n')
+    os.replace(tmp, path)
+
+
+def main():
+    args = parse_args()
+    sys.path.insert(0, ROOT)
+    from mmengine.runner import Runner
+
+    from dfq_dense.demo import (DEMO_MODELS, MANIFEST, demo_checkpoint,
+                                ensure_demo_data, load_manifest,
+                                set_demo_data_root, sha256sum)
+    from dfq_dense.engine.runner import build_test_runner, load_config
+
+    name = next(n for n, (t, _) in DEMO_MODELS.items() if t == args.task)
+    config = osp.join(ROOT, DEMO_MODELS[name][1])
+    cfg = load_config(config, args.cfg_options)
+    cfg.work_dir = args.work_dir or osp.join(ROOT, 'work_dirs', 'train_' + name)
+    cfg.randomness = dict(seed=0)
+    iters = args.iters
+    if args.quick:
+        iters = iters or 3
+        set_demo_data_root(cfg, osp.join(cfg.work_dir, 'data'),
+                           splits=dict(train=8, val=4))
+        cfg.default_hooks.logger.interval = 1
+    if iters:
+        cfg.train_cfg.max_iters = iters
+        cfg.train_cfg.val_interval = iters + 1
+        cfg.default_hooks.checkpoint.interval = iters
+        warmup, main_sched = cfg.param_scheduler
+        warmup.end = min(warmup.end, max(1, iters // 10))
+        main_sched.begin = warmup.end
+        main_sched.end = iters
+    ensure_demo_data(cfg)
+
+    start = time.time()
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    train_s = time.time() - start
+    last = osp.join(cfg.work_dir, f'iter_{cfg.train_cfg.max_iters}.pth')
+
+    out = args.out or (osp.join(cfg.work_dir, f'{name}.pth') if args.quick
+                       else demo_checkpoint(name))
+    command = 'python tools/train_demo.py ' + ' '.join(
+        shlex.quote(a) for a in sys.argv[1:])
+    export_weights(last, out, meta=dict(
+        config=DEMO_MODELS[name][1], iters=cfg.train_cfg.max_iters,
+        command=command))
+
+    test_runner = build_test_runner(cfg, checkpoint=out,
+                                    work_dir=osp.join(cfg.work_dir, 'fp_test'))
+    metrics = test_runner.test()
+    metrics = {k: float(v) for k, v in metrics.items()}
+    print(json.dumps(dict(checkpoint=out, metrics=metrics), indent=2))
+    if not args.quick and args.out is None:
+        manifest = load_manifest()
+        manifest[name] = dict(
+            config=DEMO_MODELS[name][1], checkpoint=osp.relpath(out, ROOT),
+            sha256=sha256sum(out), command=command,
+            iters=cfg.train_cfg.max_iters, train_seconds=round(train_s),
+            torch=torch.__version__, fp_metrics=metrics)
+        write_json_atomic(MANIFEST, manifest)
+
+
+if __name__ == '__main__':
+    main()
