@@ -1,0 +1,22 @@
+"""Fake quantization for data-free quantization of Swin detectors/segmentors.
+
+See ``fake_quant`` (conventions), ``observers`` (qparams), ``quantizer``
+(``Quantizer`` modes), ``modules`` (what is quantized / stays FP) and
+``convert`` (``quantize_model`` and calibration helpers).
+"""
+from .convert import (enable_calibration, finish_calibration,
+                      iter_quantizers, quant_state_dict, quantize_model,
+                      set_quantizers_enabled)
+from .fake_quant import fake_quantize, round_ste
+from .modules import (QuantConv2d, QuantConvTranspose2d, QuantLinear,
+                      QuantMatMul, QuantWeightModule, QuantWindowMSA)
+from .observers import MinMaxObserver, qrange
+from .quantizer import Quantizer, check_bits
+
+__all__ = [
+    'fake_quantize', 'round_ste', 'MinMaxObserver', 'qrange', 'Quantizer',
+    'check_bits', 'QuantWeightModule', 'QuantLinear', 'QuantConv2d',
+    'QuantConvTranspose2d', 'QuantMatMul', 'QuantWindowMSA',
+    'quantize_model', 'iter_quantizers', 'enable_calibration',
+    'finish_calibration', 'set_quantizers_enabled', 'quant_state_dict'
+]

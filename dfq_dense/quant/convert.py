@@ -1,0 +1,211 @@
+"""In-place conversion of a model to fake-quantized modules + helpers.
+
+``quantize_model`` replaces, under ``model`` (or ``model.backbone``):
+
+* ``nn.Linear`` (incl. ``mmcv.cnn.Linear``) -> ``QuantLinear``
+* ``nn.Conv2d`` (incl. ``mmcv.cnn.Conv2d``) -> ``QuantConv2d``
+* ``nn.ConvTranspose2d`` (incl. mmcv's) -> ``QuantConvTranspose2d``
+* Swin ``WindowMSA`` (mmdet's and mmseg's) -> ``QuantWindowMSA`` (whose
+  ``qkv`` / ``proj`` are then converted like any Linear).
+
+Not converted (left FP, logged): subclasses of these layer types that
+override ``forward`` with different semantics (e.g. weight-standardized or
+adaptive-padding convs), and Linear layers owned by ``nn.MultiheadAttention``
+(it reads their ``weight`` directly instead of calling them).
+"""
+import fnmatch
+from collections import OrderedDict
+
+import torch.nn as nn
+from mmengine.logging import print_log
+
+from .modules import (QuantConv2d, QuantConvTranspose2d, QuantLinear,
+                      QuantWeightModule, QuantWindowMSA)
+from .quantizer import Quantizer, check_bits
+
+__all__ = [
+    'quantize_model', 'iter_quantizers', 'enable_calibration',
+    'finish_calibration', 'set_quantizers_enabled', 'quant_state_dict'
+]
+
+SCOPES = ('model', 'backbone')
+
+
+def _window_msa_types():
+    types = []
+    try:
+        from mmdet.models.backbones.swin import WindowMSA as DetWindowMSA
+        types.append(DetWindowMSA)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from mmseg.models.backbones.swin import WindowMSA as SegWindowMSA
+        types.append(SegWindowMSA)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def _supported_forwards():
+    """Forward functions whose semantics the wrappers reproduce."""
+    fwd = {
+        nn.Linear: {nn.Linear.forward},
+        nn.Conv2d: {nn.Conv2d.forward},
+        nn.ConvTranspose2d: {nn.ConvTranspose2d.forward},
+    }
+    try:
+        from mmcv.cnn.bricks import wrappers
+        fwd[nn.Linear].add(wrappers.Linear.forward)
+        fwd[nn.Conv2d].add(wrappers.Conv2d.forward)
+        fwd[nn.ConvTranspose2d].add(wrappers.ConvTranspose2d.forward)
+    except ImportError:  # pragma: no cover
+        pass
+    return fwd
+
+
+_WRAPPERS = OrderedDict([
+    (nn.Linear, QuantLinear),
+    (nn.Conv2d, QuantConv2d),
+    (nn.ConvTranspose2d, QuantConvTranspose2d),
+])
+
+
+def _matches(name, patterns):
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def quantize_model(model, w_bits, a_bits, scope='model', skip=(),
+                   logger=None):
+    """Replace supported modules of ``model`` by quantized ones, in place.
+
+    Args:
+        model (nn.Module): the model (detector / segmentor / backbone).
+        w_bits (int): weight bits, 2..16.
+        a_bits (int): activation bits, 2..16.
+        scope (str): ``'model'`` (everything) or ``'backbone'`` (only
+            ``model.backbone``).
+        skip (Sequence[str]): fnmatch patterns on qualified module names
+            (relative to ``model``, e.g. ``'backbone.patch_embed.*'``,
+            ``'*.fc_cls'``); matching modules stay FP (their children are
+            still considered individually).
+        logger: ``print_log`` logger; defaults to ``'current'``.
+
+    Returns:
+        dict: number of converted modules per original type name, e.g.
+        ``{'Linear': 17, 'Conv2d': 1, 'WindowMSA': 4}``.
+    """
+    check_bits(w_bits, 'w_bits')
+    check_bits(a_bits, 'a_bits')
+    if scope not in SCOPES:
+        raise ValueError(f'scope must be one of {SCOPES}, got {scope!r}')
+    if isinstance(skip, str):
+        skip = (skip, )
+    skip = tuple(skip)
+    logger = logger or 'current'
+
+    if scope == 'backbone':
+        root = getattr(model, 'backbone', None)
+        if not isinstance(root, nn.Module):
+            raise ValueError("scope='backbone' but the model has no "
+                             '`backbone` module')
+        root_prefix = 'backbone.'
+    else:
+        root, root_prefix = model, ''
+
+    msa_types = _window_msa_types()
+    forwards = _supported_forwards()
+    counts = OrderedDict()
+    left_fp = []
+
+    def convert(parent, prefix):
+        for name, child in list(parent.named_children()):
+            qname = prefix + name
+            if isinstance(child, QuantWeightModule):
+                continue  # already converted: never wrap `.module` again
+            if isinstance(child, nn.MultiheadAttention):
+                left_fp.append(f'{qname} (MultiheadAttention)')
+                continue
+            skipped = _matches(qname, skip)
+            new = None
+            if not skipped and msa_types and isinstance(child, msa_types):
+                new = QuantWindowMSA(child, a_bits=a_bits)
+            elif not skipped and not isinstance(child, QuantWindowMSA):
+                for base, wrapper in _WRAPPERS.items():
+                    if isinstance(child, base):
+                        if type(child).forward in forwards[base]:
+                            new = wrapper(child, w_bits=w_bits,
+                                          a_bits=a_bits)
+                        else:
+                            left_fp.append(
+                                f'{qname} ({type(child).__name__}: '
+                                'unsupported forward)')
+                        break
+            if new is not None:
+                setattr(parent, name, new)
+                tname = type(child).__name__
+                counts[tname] = counts.get(tname, 0) + 1
+                if isinstance(new, QuantWindowMSA):
+                    convert(new, qname + '.')
+            else:
+                convert(child, qname + '.')
+
+    convert(root, root_prefix)
+    counts = dict(counts)
+    print_log(
+        f'quantize_model(W{w_bits}A{a_bits}, scope={scope}, '
+        f'skip={list(skip)}): converted {counts}', logger=logger)
+    if left_fp:
+        print_log('quantize_model: left in FP: ' + ', '.join(left_fp),
+                  logger=logger)
+    return counts
+
+
+def iter_quantizers(model):
+    """Yield ``(qualified_name, Quantizer)`` for every quantizer."""
+    for name, m in model.named_modules():
+        if isinstance(m, Quantizer):
+            yield name, m
+
+
+def enable_calibration(model):
+    """Put every quantizer in calibration mode (observers reset)."""
+    for _, q in iter_quantizers(model):
+        q.enable_calibration()
+
+
+def finish_calibration(model):
+    """Finish calibration of every quantizer.
+
+    Weight quantizers are (re)fed with their module's weight first, so their
+    qparams come from the weights even for layers that calibration data never
+    reached. Must be called on all ranks in distributed runs (observers
+    all-reduce their ranges).
+    """
+    for m in model.modules():
+        if isinstance(m, QuantWeightModule):
+            m.observe_weight()
+    for name, q in iter_quantizers(model):
+        q.finish_calibration(name)
+
+
+def set_quantizers_enabled(model, enabled):
+    """Enable (quantize) or disable (identity) every quantizer.
+
+    Enabling skips quantizers that were never calibrated (they observed no
+    data and stay FP).
+    """
+    for _, q in iter_quantizers(model):
+        if not enabled:
+            q.disable()
+        elif q.calibrated:
+            q.enable()
+
+
+def quant_state_dict(model):
+    """``{quantizer_name: {'scale': Tensor, 'zero_point': Tensor}}`` (CPU
+    copies), e.g. to check that all ranks hold identical qparams."""
+    out = OrderedDict()
+    for name, q in iter_quantizers(model):
+        out[name] = dict(scale=q.scale.detach().cpu().clone(),
+                         zero_point=q.zero_point.detach().cpu().clone())
+    return out

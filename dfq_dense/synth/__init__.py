@@ -1,0 +1,21 @@
+"""Data-free image synthesizers (registered in ``dfq_dense.registry.MODELS``).
+
+Importing this package registers :class:`GaussianNoise` and :class:`PSAQViT`.
+"""
+from .base import (BaseSynthesizer, clamp_to_range, denormalize,  # noqa
+                   frozen_backbone, get_mean_std, load_images, save_images,
+                   valid_range)
+from .hooks import AttnOutputRecorder, window_valid_mask  # noqa: F401
+from .losses import (kde, kde_entropy, patch_similarity,  # noqa: F401
+                     psaq_entropy_loss, scaled_tau, total_variation,
+                     tv_prior_loss)
+from .noise import GaussianNoise  # noqa: F401
+from .psaq import PSAQViT  # noqa: F401
+
+__all__ = [
+    'BaseSynthesizer', 'GaussianNoise', 'PSAQViT', 'AttnOutputRecorder',
+    'window_valid_mask', 'patch_similarity', 'kde', 'kde_entropy',
+    'psaq_entropy_loss', 'total_variation', 'tv_prior_loss', 'scaled_tau',
+    'denormalize', 'save_images', 'load_images', 'get_mean_std',
+    'valid_range', 'clamp_to_range', 'frozen_backbone'
+]

@@ -1,0 +1,307 @@
+"""Base class and I/O helpers of the data-free image synthesizers.
+
+Synthesizers work in the *normalised* pixel space of the model's
+``data_preprocessor`` (``(x - mean) / std``, RGB channel order: mmdet's
+DetDataPreprocessor and mmseg's SegDataPreProcessor apply ``bgr_to_rgb``
+before normalising, and their ``mean``/``std`` are given in RGB order), i.e.
+the space of the tensors the backbone receives.  ``generate`` returns a float
+tensor ``(N, 3, H, W)`` in that space.
+"""
+import contextlib
+import math
+import os
+import os.path as osp
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+SYNTH_FILE = 'synthetic_images.pth'
+GRID_FILE = 'synthetic_grid.png'
+
+
+# --------------------------------------------------------------------------
+# normalisation helpers
+# --------------------------------------------------------------------------
+def get_mean_std(model: Optional[nn.Module] = None,
+                 data_preprocessor_cfg: Optional[dict] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)`` of shape ``(3, 1, 1)`` (float32, CPU).
+
+    Taken from ``model.data_preprocessor.mean/std`` when present, else from
+    ``data_preprocessor_cfg['mean'/'std']``; identity (0, 1) when the
+    preprocessor does not normalise.
+    """
+    dp = getattr(model, 'data_preprocessor', None) if model is not None \
+        else None
+    mean = std = None
+    if dp is not None and getattr(dp, '_enable_normalize', True) and \
+            getattr(dp, 'mean', None) is not None:
+        mean, std = dp.mean, dp.std
+    elif data_preprocessor_cfg is not None and \
+            data_preprocessor_cfg.get('mean') is not None:
+        mean = torch.as_tensor(data_preprocessor_cfg['mean'])
+        std = torch.as_tensor(data_preprocessor_cfg['std'])
+    if mean is None:
+        mean, std = torch.zeros(3), torch.ones(3)
+    mean = torch.as_tensor(mean).detach().float().cpu().reshape(-1, 1, 1)
+    std = torch.as_tensor(std).detach().float().cpu().reshape(-1, 1, 1)
+    if mean.shape[0] == 1:
+        mean, std = mean.expand(3, 1, 1).clone(), std.expand(3, 1, 1).clone()
+    return mean, std
+
+
+def valid_range(mean: torch.Tensor,
+                std: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel bounds ``((0-mean)/std, (255-mean)/std)``, ``(3,1,1)``."""
+    mean = torch.as_tensor(mean).float().reshape(-1, 1, 1)
+    std = torch.as_tensor(std).float().reshape(-1, 1, 1)
+    return (0. - mean) / std, (255. - mean) / std
+
+
+def clamp_to_range(x: torch.Tensor, mean: torch.Tensor,
+                   std: torch.Tensor) -> torch.Tensor:
+    """Clamp a normalised ``(N, 3, H, W)`` tensor to the valid pixel range."""
+    lo, hi = valid_range(mean, std)
+    return torch.max(torch.min(x, hi.to(x)), lo.to(x))
+
+
+def denormalize(x: torch.Tensor, mean: torch.Tensor,
+                std: torch.Tensor) -> torch.Tensor:
+    """Normalised ``(N, 3, H, W)`` -> uint8 RGB ``(N, 3, H, W)`` in 0..255."""
+    mean = torch.as_tensor(mean).float().reshape(1, -1, 1, 1).to(x.device)
+    std = torch.as_tensor(std).float().reshape(1, -1, 1, 1).to(x.device)
+    img = x.detach().float() * std + mean
+    return img.round().clamp(0, 255).to(torch.uint8)
+
+
+def save_images(x: torch.Tensor,
+                mean: torch.Tensor,
+                std: torch.Tensor,
+                out_dir: str,
+                meta: Optional[dict] = None,
+                nrow: int = 8) -> str:
+    """Write ``synthetic_images.pth`` and ``synthetic_grid.png``.
+
+    The ``.pth`` holds ``{'images': normalised float tensor (CPU), 'mean',
+    'std', 'meta'}``; the PNG is a de-normalised grid (written with cv2 after
+    RGB -> BGR).  Returns the path of the ``.pth``.
+    """
+    import cv2
+    from torchvision.utils import make_grid
+    os.makedirs(out_dir, exist_ok=True)
+    meta = dict(meta or {})
+    meta.setdefault('channel_order', 'rgb')
+    meta.setdefault('space', 'normalised')
+    path = osp.join(out_dir, SYNTH_FILE)
+    torch.save(
+        dict(images=x.detach().cpu().float(),
+             mean=torch.as_tensor(mean).float().reshape(-1, 1, 1).cpu(),
+             std=torch.as_tensor(std).float().reshape(-1, 1, 1).cpu(),
+             meta=meta), path)
+    rgb = denormalize(x.detach().cpu(), mean, std)
+    grid = make_grid(rgb, nrow=min(nrow, max(1, rgb.shape[0])), padding=2)
+    grid = grid.permute(1, 2, 0).contiguous().numpy()  # H, W, RGB
+    cv2.imwrite(osp.join(out_dir, GRID_FILE), grid[:, :, ::-1].copy())
+    return path
+
+
+def load_images(out_dir: str) -> dict:
+    """Read what :func:`save_images` wrote: dict(images, mean, std, meta).
+
+    ``out_dir`` may be the folder or the ``.pth`` itself.
+    """
+    from ..utils.checkpoint import safe_torch_load
+    path = out_dir if out_dir.endswith('.pth') else osp.join(
+        out_dir, SYNTH_FILE)
+    return safe_torch_load(path)
+
+
+# --------------------------------------------------------------------------
+# base synthesizer
+# --------------------------------------------------------------------------
+def get_backbone(model: nn.Module) -> nn.Module:
+    backbone = getattr(model, 'backbone', None)
+    if backbone is None:
+        raise ValueError(
+            f'{type(model).__name__} has no `.backbone`; synthesizers run '
+            'the backbone of an mmdet/mmseg model')
+    return backbone
+
+
+@contextlib.contextmanager
+def frozen_backbone(backbone: nn.Module):
+    """Eval mode, ``requires_grad=False`` and ``with_cp=False`` inside.
+
+    Gradient checkpointing is switched off because its (reentrant) recompute
+    would run the forward hooks under ``no_grad``.  Everything is restored
+    on exit.
+    """
+    modes = {m: m.training for m in backbone.modules()}
+    grads = {p: p.requires_grad for p in backbone.parameters()}
+    cps = {m: m.with_cp for m in backbone.modules()
+           if isinstance(getattr(m, 'with_cp', None), bool)}
+    try:
+        backbone.eval()
+        for p in grads:
+            p.requires_grad_(False)
+        for m in cps:
+            m.with_cp = False
+        yield backbone
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for p, g in grads.items():
+            p.requires_grad_(g)
+        for m, cp in cps.items():
+            m.with_cp = cp
+
+
+class BaseSynthesizer:
+    """Base of the synthesizers: batching, seeding, bounds, I/O.
+
+    Args:
+        num_images: number of images to produce.
+        batch_size: images optimised / drawn together.
+        img_size: ``(H, W)`` or an int (square); must be given (here or to
+            :meth:`generate`), typically the model's test scale.
+        iterations: optimisation steps per batch (ignored by non-iterative
+            synthesizers).
+        seed: seeds the CPU ``torch.Generator`` used for initialisation and
+            augmentations; the same seed gives the same images.
+        log_interval: log the loss terms every this many iterations.
+        progress: show a progress bar.
+        device: run there; default the backbone's device.
+    """
+    # Lets config validation list the registered data sources.
+    is_synthesizer = True
+
+    def __init__(self,
+                 num_images: int = 8,
+                 batch_size: int = 8,
+                 img_size: Optional[Union[int, Sequence[int]]] = None,
+                 iterations: int = 500,
+                 seed: int = 0,
+                 log_interval: int = 50,
+                 progress: bool = True,
+                 device: Optional[Union[str, torch.device]] = None):
+        assert num_images > 0 and batch_size > 0
+        self.num_images = int(num_images)
+        self.batch_size = int(batch_size)
+        self.img_size = img_size
+        self.iterations = int(iterations)
+        self.seed = int(seed)
+        self.log_interval = max(1, int(log_interval))
+        self.progress = progress
+        self.device = device
+        self.mean = self.std = None
+        self.history = []  # logged dicts of loss terms
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError if ``model`` lacks what this method needs."""
+        get_backbone(model)
+
+    # ---------------------------------------------------------------- utils
+    @staticmethod
+    def _hw(img_size) -> Tuple[int, int]:
+        if img_size is None:
+            raise ValueError('img_size must be given (e.g. the test scale of '
+                             'the model as (H, W))')
+        if isinstance(img_size, int):
+            return img_size, img_size
+        h, w = img_size
+        return int(h), int(w)
+
+    def _device(self, backbone):
+        if self.device is not None:
+            return torch.device(self.device)
+        p = next(backbone.parameters(), None)
+        return p.device if p is not None else torch.device('cpu')
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.num_images / self.batch_size)
+
+    # ------------------------------------------------------------------ api
+    def generate(self,
+                 model: nn.Module,
+                 data_preprocessor_cfg: Optional[dict] = None,
+                 img_size: Optional[Union[int, Sequence[int]]] = None
+                 ) -> torch.Tensor:
+        """Synthesize ``num_images`` images for ``model``.
+
+        Args:
+            model: an mmdet/mmseg model (``.backbone`` and, normally,
+                ``.data_preprocessor`` with ``mean``/``std`` buffers).
+            data_preprocessor_cfg: fallback for mean/std when the model has
+                no normalising data_preprocessor.
+            img_size: overrides the constructor's ``img_size``.
+
+        Returns:
+            CPU float tensor ``(num_images, 3, H, W)``, normalised space.
+        """
+        H, W = self._hw(img_size if img_size is not None else self.img_size)
+        self.mean, self.std = get_mean_std(model, data_preprocessor_cfg)
+        backbone = get_backbone(model)
+        device = self._device(backbone)
+        generator = torch.Generator().manual_seed(self.seed)
+        self.history = []
+        out = []
+        bar = self._progress_bar(self.num_batches * self._bar_steps())
+        try:
+            with frozen_backbone(backbone):
+                done = 0
+                for b in range(self.num_batches):
+                    n = min(self.batch_size, self.num_images - done)
+                    x = self.synthesize_batch(backbone, n, (H, W), device,
+                                              generator, batch_idx=b, bar=bar)
+                    x = clamp_to_range(x.detach(), self.mean.to(x.device),
+                                       self.std.to(x.device))
+                    out.append(x.cpu())
+                    done += n
+        finally:
+            if bar is not None and hasattr(bar, 'close'):
+                bar.close()
+        return torch.cat(out, 0)
+
+    def synthesize_batch(self, backbone: nn.Module, n: int,
+                         hw: Tuple[int, int], device: torch.device,
+                         generator: torch.Generator, batch_idx: int = 0,
+                         bar=None) -> torch.Tensor:
+        """Return ``(n, 3, H, W)`` normalised images (to be overridden)."""
+        raise NotImplementedError
+
+    def save(self, images: torch.Tensor, out_dir: str,
+             meta: Optional[dict] = None) -> str:
+        """:func:`save_images` with this synthesizer's mean/std and meta."""
+        assert self.mean is not None, 'call generate() first'
+        meta = dict(meta or {})
+        meta.setdefault('synthesizer', type(self).__name__)
+        meta.setdefault('seed', self.seed)
+        meta.setdefault('iterations', self.iterations)
+        return save_images(images, self.mean, self.std, out_dir, meta)
+
+    # -------------------------------------------------------------- progress
+    def _bar_steps(self) -> int:
+        """Progress-bar steps per batch."""
+        return 1
+
+    def _progress_bar(self, total: int):
+        if not self.progress:
+            return None
+        try:
+            from tqdm import tqdm
+            return tqdm(total=total, desc=type(self).__name__,
+                        dynamic_ncols=True)
+        except ImportError:  # pragma: no cover
+            from mmengine.utils import ProgressBar
+            return ProgressBar(total)
+
+    @staticmethod
+    def _bar_update(bar):
+        if bar is None:
+            return
+        if hasattr(bar, 'update') and not hasattr(bar, 'task_num'):
+            bar.update(1)  # tqdm
+        else:
+            bar.update()  # mmengine ProgressBar
