@@ -32,6 +32,13 @@ def test_mmengine_checkpoint_loads_through_mmengine(tmp_path):
     ckpt = load_checkpoint(other, path, map_location='cpu')
     assert torch.equal(other.weight, model.weight)
     assert ckpt['meta']['epoch'] == 3 and ckpt['meta']['note'] == 'x'
+    # Reading it must not disturb the process's own HistoryBuffers (their
+    # statistics methods live in a class-level dict).
+    from mmengine.logging import HistoryBuffer
+    buf = HistoryBuffer()
+    buf.update(2.0)
+    buf.update(4.0)
+    assert buf.statistics('mean') == 3.0 and buf.statistics('max') == 4.0
 
 
 def test_numpy_meta_loads_with_weights_only(tmp_path):

@@ -71,6 +71,22 @@ class _InertAttribute:
         return f'<not resolved: .{self.name}>'
 
 
+class _Discarded:
+    """Stand-in for HistoryBuffer in the restricted read.
+
+    The real ``HistoryBuffer.__setstate__`` copies the pickled statistics
+    methods into a class-level dict, which would spread the inert getattr
+    placeholders to every buffer of the process.  The message hub is
+    discarded anyway, so its buffers are rebuilt as inert objects.
+    """
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only torch's weights-only globals plus our allow-list."""
 
@@ -78,6 +94,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         full = f'{module}.{name}'
         if full in _GETATTR:
             return _InertAttribute
+        if full == f'{HistoryBuffer.__module__}.{HistoryBuffer.__qualname__}':
+            return _Discarded
         allowed = torch._weights_only_unpickler._get_allowed_globals()
         if full in allowed:
             return allowed[full]

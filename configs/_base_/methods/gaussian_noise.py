@@ -1,0 +1,3 @@
+# Baseline data source: Gaussian noise in the normalised pixel space.
+dfq_synthesizer = dict(
+    type='GaussianNoise', num_images=32, batch_size=8, img_size=None, seed=0)

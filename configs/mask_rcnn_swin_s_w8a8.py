@@ -1,0 +1,13 @@
+_base_ = [
+    'mmdet::swin/mask-rcnn_swin-s-p4-w7_fpn_amp-ms-crop-3x_coco.py',
+    './_base_/dfq_runtime.py', './_base_/methods/psaq_vit.py', './_base_/bits/w8a8.py'
+]
+# Model-zoo checkpoint (FP COCO val2017 box AP 48.2, mask AP 43.2).
+# Offline: download it and pass its path as
+# CHECKPOINT to tools/dfq_test.py.
+load_from = 'https://download.openmmlab.com/mmdetection/v2.0/swin/mask_rcnn_swin-s-p4-w7_fpn_fp16_ms-crop-3x_coco/mask_rcnn_swin-s-p4-w7_fpn_fp16_ms-crop-3x_coco_20210903_104808-b92c91f1.pth'  # noqa
+test_cfg = dict(type='dfq_dense.DFQTestLoop')
+dfq = dict(
+    synthesizer=_base_.dfq_synthesizer,
+    quantizer=_base_.dfq_quantizer,
+    calib_batch_size=_base_.dfq_calib_batch_size)

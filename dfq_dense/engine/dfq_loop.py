@@ -1,0 +1,182 @@
+"""DFQTestLoop: synthesize -> quantize -> calibrate -> the standard test.
+
+Replaces mmengine's TestLoop (``test_cfg = dict(type='dfq_dense.DFQTestLoop')``),
+in the spirit of mmrazor's PTQLoop.  ``Runner.test`` loads the checkpoint
+before ``loop.run()``, so the loop always starts from the FP weights; after
+calibration the unchanged TestLoop.run evaluates the quantized model with the
+config's own metric (CocoMetric, IoUMetric).
+"""
+import os.path as osp
+import time
+
+import torch
+from mmengine.dist import broadcast, get_rank, is_distributed
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from mmengine.runner import TestLoop
+from mmengine.utils import ProgressBar
+
+from ..quant import enable_calibration, finish_calibration, quantize_model
+from ..registry import LOOPS, MODELS, build
+from ..synth.base import load_images, save_images
+from .dfq_config import DFQConfigError, parse_dfq_config, plain
+
+SYNTH_DIR = 'synthetic'
+
+
+def infer_test_image_size(cfg):
+    """(H, W) the model is tested at, read from the test pipeline.
+
+    mmdet's ``Resize(scale=(1333, 800), keep_ratio=True)`` means a short side
+    of 800 and a long side of at most 1333: synthesize landscape 800x1333.
+    mmseg models have a fixed ``data_preprocessor.size`` (the crop size).
+    """
+    size = cfg.model.get('data_preprocessor', {}).get('size')
+    if size:
+        return tuple(size)
+    for step in cfg.test_dataloader.dataset.get('pipeline', []):
+        if step.get('type') == 'Resize' and 'scale' in step:
+            scale = step['scale']
+            if isinstance(scale, int):
+                return (scale, scale)
+            return (min(scale), max(scale))
+    raise ValueError('cannot infer the test image size: set '
+                     'dfq.synthesizer.img_size=(H, W)')
+
+
+def calibration_batch(images, preprocessor, task):
+    """A data batch for ``model.test_step`` from normalised images.
+
+    The images are de-normalised back to the 0-255 channel order the loading
+    pipeline produces (BGR when the preprocessor flips to RGB), so they go
+    through the model's own data_preprocessor like real images.
+    """
+    mean = preprocessor.mean.to(images)
+    std = preprocessor.std.to(images)
+    raw = images * std + mean
+    # mmengine's ImgDataPreprocessor and mmseg's SegDataPreProcessor name
+    # the flag differently.
+    if getattr(preprocessor, '_channel_conversion', False) or \
+            getattr(preprocessor, 'channel_conversion', False):
+        raw = raw.flip(1)
+    h, w = images.shape[-2:]
+    if task == 'det':
+        from mmdet.structures import DetDataSample as Sample
+        meta = dict(img_shape=(h, w), ori_shape=(h, w),
+                    scale_factor=(1.0, 1.0))
+    else:
+        from mmseg.structures import SegDataSample as Sample
+        meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w))
+    samples = [Sample(metainfo=dict(meta, img_id=i)) for i in range(len(raw))]
+    return dict(inputs=list(raw.cpu()), data_samples=samples)
+
+
+@LOOPS.register_module()
+class DFQTestLoop(TestLoop):
+    """Test loop that quantizes the model data-free before testing.
+
+    After ``run`` the attribute ``report`` holds what ``tools/dfq_test.py``
+    writes: FP metrics (if ``dfq.eval_fp``), number and size of the synthetic
+    images, quantized module counts and wall seconds per stage.
+    """
+
+    def __init__(self, runner, dataloader, evaluator, fp16=False):
+        super().__init__(runner, dataloader, evaluator, fp16)
+        self.dfq = parse_dfq_config(runner.cfg.get('dfq'))
+        self.task = 'det' if runner.cfg.get('default_scope') == 'mmdet' \
+            else 'seg'
+        self.report = {}
+        # Built here, before the checkpoint is loaded and anything runs, so a
+        # method the model cannot serve fails at once.
+        self.synth_cfg = self._synthesizer_cfg()
+        self.synthesizer = None
+        if not self.dfq.load_images:
+            self.synthesizer = build(MODELS, self.synth_cfg)
+            try:
+                self.synthesizer.check_model(self._model)
+            except ValueError as err:
+                raise DFQConfigError(
+                    f'dfq.synthesizer {self.synth_cfg["type"]}: {err}') \
+                    from None
+
+    @property
+    def _model(self):
+        model = self.runner.model
+        return model.module if is_model_wrapper(model) else model
+
+    def run(self):
+        model = self._model
+        if self.dfq.eval_fp:
+            start = time.time()
+            self.report['fp_metrics'] = super().run()
+            self.report['fp_eval_seconds'] = time.time() - start
+
+        start = time.time()
+        images = self._get_images(model)
+        self.report['synthesis_seconds'] = time.time() - start
+
+        start = time.time()
+        q = self.dfq.quantizer
+        self.report['quantized_modules'] = quantize_model(
+            model, w_bits=q.w_bits, a_bits=q.a_bits, scope=q.scope,
+            skip=q.skip)
+        self._calibrate(model, images)
+        self.report['calibration_seconds'] = time.time() - start
+
+        start = time.time()
+        metrics = super().run()
+        self.report['eval_seconds'] = time.time() - start
+        return metrics
+
+    def _synthesizer_cfg(self):
+        cfg = dict(self.dfq.synthesizer)
+        if cfg.get('img_size') is None:
+            cfg['img_size'] = infer_test_image_size(self.runner.cfg)
+        return cfg
+
+    def _get_images(self, model):
+        synth_cfg = self.synth_cfg
+        out_dir = osp.join(self.runner.work_dir, SYNTH_DIR)
+        source = self.dfq.load_images
+        images = None
+        if source:
+            saved = load_images(source)
+            images = saved['images']
+            synth_cfg = saved['meta'].get('synthesizer', synth_cfg)
+            print_log(f'DFQ: reusing {len(images)} synthetic images from '
+                      f'{source} ({synth_cfg.get("type")})', logger='current')
+            self.report['images_from'] = source
+        elif get_rank() == 0:
+            images = self.synthesizer.generate(model)
+            save_images(images, model.data_preprocessor.mean,
+                        model.data_preprocessor.std, out_dir,
+                        meta=dict(synthesizer=plain(synth_cfg)))
+        if is_distributed():
+            # Rank 0 synthesizes; every rank calibrates on the same images.
+            shape = torch.tensor(list(images.shape) if images is not None
+                                 else [0, 0, 0, 0])
+            broadcast(shape, src=0)
+            if images is None:
+                images = torch.zeros(*shape.tolist())
+            broadcast(images, src=0)
+        self.report['num_images'] = int(images.shape[0])
+        self.report['image_size'] = [int(s) for s in images.shape[-2:]]
+        self.report['method'] = synth_cfg['type']
+        self.report['synthesizer'] = plain(synth_cfg)
+        return images
+
+    @torch.no_grad()
+    def _calibrate(self, model, images):
+        model.eval()
+        enable_calibration(model)
+        bs = self.dfq.calib_batch_size
+        progress = ProgressBar(len(images)) if get_rank() == 0 else None
+        for i in range(0, len(images), bs):
+            model.test_step(calibration_batch(
+                images[i:i + bs], model.data_preprocessor, self.task))
+            if progress:
+                for _ in range(len(images[i:i + bs])):
+                    progress.update()
+        # Observers are all-reduced inside, so every rank ends identical.
+        finish_calibration(model)
+        print_log(f'DFQ: calibrated on {len(images)} images', logger='current')
