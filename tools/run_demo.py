@@ -1,10 +1,12 @@
 """The main job on the embedded demo: both demo models, data-free W8A8.
 
-    python tools/run_demo.py [--bits w8a8] [--work-dir work_dirs/demo]
+    python tools/run_demo.py [--bits w8a8|w4a8] [--method psaq|noise]
+                             [--work-dir work_dirs/demo]
 
 Runs tools/dfq_test.py with --eval-fp on the demo Mask R-CNN and UperNet
-(PSAQ-ViT calibration images) and prints one table with the FP and quantized
-figures.  Each run's dfq_results.json lands in <work-dir>/<config name>/.
+(PSAQ-ViT calibration images by default, or the Gaussian-noise baseline) and
+prints one table with the FP and quantized figures.  Each run's
+dfq_results.json lands in <work-dir>/<config name>[_noise]/.
 """
 import argparse
 import json
@@ -14,12 +16,15 @@ import sys
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(ROOT, 'tools'))
 
+# --method -> the dfq.synthesizer.type it selects.
+METHODS = {'psaq': 'PSAQViT', 'noise': 'GaussianNoise'}
 KEYS = {'det': ['coco/bbox_mAP', 'coco/segm_mAP'], 'seg': ['mIoU']}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--bits', default='w8a8', choices=['w8a8', 'w4a8'])
+    parser.add_argument('--method', default='psaq', choices=list(METHODS))
     parser.add_argument('--work-dir', default=osp.join('work_dirs', 'demo'))
     args = parser.parse_args()
 
@@ -27,21 +32,29 @@ def main():
     rows = []
     for model in ('mask_rcnn_swin_demo', 'upernet_swin_demo'):
         name = f'{model}_{args.bits}'
-        work_dir = osp.join(args.work_dir, name)
-        code = dfq_test.main([osp.join('configs', 'demo', name + '.py'),
-                              '--work-dir', work_dir, '--eval-fp'])
+        run_name = name if args.method == 'psaq' else f'{name}_{args.method}'
+        work_dir = osp.join(args.work_dir, run_name)
+        code = dfq_test.main([
+            osp.join('configs', 'demo', name + '.py'), '--work-dir', work_dir,
+            '--eval-fp', '--cfg-options',
+            f'dfq.synthesizer.type={METHODS[args.method]}'])
         if code:
             return code
         with open(osp.join(work_dir, 'dfq_results.json')) as f:
             res = json.load(f)
         for key in KEYS[res['task']]:
-            rows.append((name, key, res['fp_metrics'][key],
+            rows.append((run_name, key, res['fp_metrics'][key],
                          res['metrics'][key], res['seconds']['total']))
+    summary = [dict(run=r, metric=k, fp=fp, quantized=q, seconds=sec)
+               for r, k, fp, q, sec in rows]
+    dfq_test.write_json_atomic(
+        osp.join(args.work_dir, f'summary_{args.bits}_{args.method}.json'),
+        summary)
     print('\nDemo summary (FP vs data-free quantized):')
-    print(f'{"config":28s} {"metric":15s} {"FP":>8s} {"quant":>8s} '
+    print(f'{"config":34s} {"metric":15s} {"FP":>8s} {"quant":>8s} '
           f'{"delta":>8s} {"seconds":>8s}')
     for name, key, fp, q, sec in rows:
-        print(f'{name:28s} {key:15s} {fp:8.4f} {q:8.4f} {q - fp:+8.4f} '
+        print(f'{name:34s} {key:15s} {fp:8.4f} {q:8.4f} {q - fp:+8.4f} '
               f'{sec:8.1f}')
     return 0
 

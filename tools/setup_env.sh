@@ -31,6 +31,17 @@ if [[ -x "$VENV/bin/python" && -f "$VENV/.dfq_stamp" && "$(cat "$VENV/.dfq_stamp
 fi
 
 command -v "$PY" >/dev/null || die "no '$PY' found: install Python >= 3.10 or set PYTHON=/path/to/python3"
+
+CXX_BIN="${CXX:-g++}"
+have_cxx() { command -v "$CXX_BIN" >/dev/null; }
+no_cxx() {
+  die "no C++ compiler ('$CXX_BIN') found, and mmcv $MMCV_VERSION must be compiled: install one (e.g. apt-get install g++) or set CXX, then re-run"
+}
+# Fail before installing anything if mmcv will have to be compiled.
+if ! "$VENV/bin/python" -c "import mmcv.ops" 2>/dev/null && \
+   ! ls "$CACHE"/wheels/*/mmcv-$MMCV_VERSION-*.whl >/dev/null 2>&1 && ! have_cxx; then
+  no_cxx
+fi
 if [[ ! -x "$VENV/bin/python" ]]; then
   log "creating $VENV"
   "$PY" -m venv "$VENV" || die "could not create $VENV: install the venv module (e.g. apt-get install python3-venv)"
@@ -52,8 +63,7 @@ if ! have_mmcv_ops; then
   WHEEL_DIR="$CACHE/wheels/$KEY"
   WHEEL="$(ls "$WHEEL_DIR"/mmcv-$MMCV_VERSION-*.whl 2>/dev/null | head -n1 || true)"
   if [[ -z "$WHEEL" ]]; then
-    command -v g++ >/dev/null || command -v c++ >/dev/null || \
-      die "no C++ compiler found, and mmcv $MMCV_VERSION must be compiled: install one (e.g. apt-get install g++) and re-run"
+    have_cxx || no_cxx
     log "building mmcv $MMCV_VERSION with ops (one-time, about 10 minutes on 2 cores) -> $WHEEL_DIR"
     BUILD="$(mktemp -d)"
     trap 'rm -rf "$BUILD"' EXIT
