@@ -8,6 +8,7 @@ config's own metric (CocoMetric, IoUMetric).
 """
 import os.path as osp
 import time
+from contextlib import contextmanager
 
 import torch
 from mmengine.dist import broadcast, get_rank, is_distributed
@@ -69,6 +70,28 @@ def calibration_batch(images, preprocessor, task):
         meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w))
     samples = [Sample(metainfo=dict(meta, img_id=i)) for i in range(len(raw))]
     return dict(inputs=list(raw.cpu()), data_samples=samples)
+
+
+@contextmanager
+def _all_detections(model):
+    """Keep every RoI-head detection during calibration.
+
+    Synthetic images seldom give detections above the usual score threshold
+    (0.05); without any, the mask head would never run and its quantizers
+    would stay uncalibrated.  With the threshold at 0 the top
+    ``max_per_img`` boxes of each image reach the mask head.
+    """
+    heads = [m for m in model.modules()
+             if hasattr(m, 'test_cfg') and isinstance(m.test_cfg, dict) and
+             'score_thr' in m.test_cfg]
+    saved = [m.test_cfg['score_thr'] for m in heads]
+    for m in heads:
+        m.test_cfg['score_thr'] = 0.0
+    try:
+        yield
+    finally:
+        for m, value in zip(heads, saved):
+            m.test_cfg['score_thr'] = value
 
 
 @LOOPS.register_module()
@@ -171,12 +194,13 @@ class DFQTestLoop(TestLoop):
         enable_calibration(model)
         bs = self.dfq.calib_batch_size
         progress = ProgressBar(len(images)) if get_rank() == 0 else None
-        for i in range(0, len(images), bs):
-            model.test_step(calibration_batch(
-                images[i:i + bs], model.data_preprocessor, self.task))
-            if progress:
-                for _ in range(len(images[i:i + bs])):
-                    progress.update()
+        with _all_detections(model):
+            for i in range(0, len(images), bs):
+                model.test_step(calibration_batch(
+                    images[i:i + bs], model.data_preprocessor, self.task))
+                if progress:
+                    for _ in range(len(images[i:i + bs])):
+                        progress.update()
         # Observers are all-reduced inside, so every rank ends identical.
         finish_calibration(model)
         print_log(f'DFQ: calibrated on {len(images)} images', logger='current')
