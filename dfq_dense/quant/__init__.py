@@ -4,6 +4,8 @@ See ``fake_quant`` (conventions), ``observers`` (qparams), ``quantizer``
 (``Quantizer`` modes), ``modules`` (what is quantized / stays FP) and
 ``convert`` (``quantize_model`` and calibration helpers).
 """
+from .calibrators import (MovingAverageMinMaxObserver, MSEObserver,
+                          OMSEObserver, PercentileObserver, range_to_qparams)
 from .convert import (enable_calibration, finish_calibration,
                       iter_quantizers, quant_state_dict, quantize_model,
                       set_quantizers_enabled)
@@ -12,11 +14,17 @@ from .modules import (QuantConv2d, QuantConvTranspose2d, QuantLinear,
                       QuantMatMul, QuantWeightModule, QuantWindowMSA)
 from .observers import MinMaxObserver, qrange
 from .quantizer import Quantizer, check_bits
+from .softmax_quant import (SoftmaxQuantizer, log2_quantize,
+                            log_sqrt2_quantize)
+from .validate import validate_quantizer_cfg
 
 __all__ = [
     'fake_quantize', 'round_ste', 'MinMaxObserver', 'qrange', 'Quantizer',
     'check_bits', 'QuantWeightModule', 'QuantLinear', 'QuantConv2d',
     'QuantConvTranspose2d', 'QuantMatMul', 'QuantWindowMSA',
     'quantize_model', 'iter_quantizers', 'enable_calibration',
-    'finish_calibration', 'set_quantizers_enabled', 'quant_state_dict'
+    'finish_calibration', 'set_quantizers_enabled', 'quant_state_dict',
+    'MovingAverageMinMaxObserver', 'PercentileObserver', 'MSEObserver',
+    'OMSEObserver', 'range_to_qparams', 'SoftmaxQuantizer', 'log2_quantize',
+    'log_sqrt2_quantize', 'validate_quantizer_cfg'
 ]

@@ -220,9 +220,19 @@ class QuantWindowMSA(nn.Module):
         matmul1 (dict | None): ``QuantMatMul`` overrides
             (``quantizer_a`` / ``quantizer_b``).
         matmul2 (dict | None): same for ``matmul2``.
+        softmax_quant (dict | None): quantizer of the first operand of
+            ``matmul2``, the post-softmax attention.  None (default, the
+            "naive" strategy of PSAQ-ViT, whose softmax output stays FP):
+            not quantized, ``matmul2.quantizer_a`` is an ``nn.Identity``.
+            A dict builds a
+            :class:`~dfq_dense.quant.softmax_quant.SoftmaxQuantizer`
+            (``mode``: ``'uniform'`` / ``'log2'`` / ``'log_sqrt2'``;
+            ``bits`` defaults to ``a_bits``; optional ``observer`` for
+            ``'uniform'``).
     """
 
-    def __init__(self, module, a_bits=8, matmul1=None, matmul2=None):
+    def __init__(self, module, a_bits=8, matmul1=None, matmul2=None,
+                 softmax_quant=None):
         super().__init__()
         self.embed_dims = module.embed_dims
         self.window_size = module.window_size
@@ -243,6 +253,14 @@ class QuantWindowMSA(nn.Module):
         self.softmax = module.softmax
         self.matmul1 = QuantMatMul(a_bits, **(matmul1 or {}))
         self.matmul2 = QuantMatMul(a_bits, **(matmul2 or {}))
+        if softmax_quant is None:
+            self.matmul2.quantizer_a = nn.Identity()
+        else:
+            from .softmax_quant import SoftmaxQuantizer
+            sq = dict(softmax_quant)
+            sq.pop('type', None)
+            sq.setdefault('bits', a_bits)
+            self.matmul2.quantizer_a = SoftmaxQuantizer(**sq)
 
     def init_weights(self):
         trunc_normal_(self.relative_position_bias_table, std=0.02)

@@ -22,7 +22,7 @@ from .observers import qrange
 
 __all__ = ['Quantizer', 'check_bits']
 
-GRANULARITIES = ('tensor', 'channel')
+GRANULARITIES = ('tensor', 'channel', 'token')
 
 
 def check_bits(bits, name='bits'):
@@ -41,7 +41,17 @@ class Quantizer(nn.Module):
         bits (int): bit width, 2..16 (16 is *not* special-cased).
         symmetric (bool): symmetric signed grid (weights) or asymmetric
             unsigned grid (activations).
-        granularity (str): ``'tensor'`` or ``'channel'``.
+        granularity (str): ``'tensor'``, ``'channel'`` or ``'token'``.
+            ``'token'`` is dynamic per-token activation quantization: at
+            every forward the qparams are computed from the current tensor
+            with min/max over the last dim (one scale / zero point per
+            token, i.e. per index of all the other dims; the same formulas
+            as :class:`MinMaxObserver`). Nothing is calibrated: ``observer``
+            is ignored (``self.observer`` is None), the quantizer counts as
+            calibrated from the start and ``finish_calibration()`` just
+            switches it to ``'quantizing'``. The ``scale`` / ``zero_point``
+            buffers are unused. The qparams are detached (gradient to ``x``
+            only, straight-through as in :func:`fake_quantize`).
         ch_axis (int): channel axis for ``granularity='channel'``.
         observer (dict): observer config, built from ``TASK_UTILS``.
     """
@@ -59,19 +69,23 @@ class Quantizer(nn.Module):
         self.granularity = granularity
         self.ch_axis = ch_axis
         self.quant_min, self.quant_max = qrange(self.bits, self.symmetric)
-        self.observer = build(
-            TASK_UTILS, observer,
-            default_args=dict(granularity=granularity, ch_axis=ch_axis))
+        if granularity == 'token':
+            self.observer = None
+        else:
+            self.observer = build(
+                TASK_UTILS, observer,
+                default_args=dict(granularity=granularity, ch_axis=ch_axis))
         self.register_buffer('scale', torch.tensor(1.0))
         self.register_buffer('zero_point',
                              torch.tensor(0, dtype=torch.int32))
         self.state = 'disabled'
-        self.calibrated = False
+        self.calibrated = granularity == 'token'
 
     # ----------------------------------------------------------------- modes
     def enable_calibration(self):
         """Reset the observer and observe (FP pass-through) from now on."""
-        self.observer.reset()
+        if self.observer is not None:
+            self.observer.reset()
         self.state = 'calibrating'
 
     def finish_calibration(self, name=None):
@@ -80,6 +94,9 @@ class Quantizer(nn.Module):
         If nothing was observed (the tensor never reached this quantizer),
         the quantizer is left disabled (FP) and a warning is logged.
         """
+        if self.granularity == 'token':  # dynamic: nothing to calibrate
+            self.state = 'quantizing'
+            return
         self.observer.sync()
         if not self.observer.observed:
             print_log(f'Quantizer {name or ""} observed no data; it stays '
@@ -114,13 +131,34 @@ class Quantizer(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, x):
         if self.state == 'calibrating':
-            self.observer.observe(x)
+            if self.observer is not None:
+                self.observer.observe(x)
             return x
         if self.state == 'disabled':
             return x
+        if self.granularity == 'token':
+            return self._forward_token(x)
         return fake_quantize(
             x, self.scale, self.zero_point, self.quant_min, self.quant_max,
             ch_axis=self.ch_axis if self.granularity == 'channel' else None)
+
+    def token_qparams(self, x):
+        """Per-token ``(scale, zero_point)`` of ``x`` (1-D, one per row of
+        ``x.reshape(-1, x.shape[-1])``), MinMaxObserver's formulas."""
+        from .calibrators import range_to_qparams  # avoid an import cycle
+        flat = x.detach().float().reshape(-1, x.shape[-1])
+        scale, zp, _, _ = range_to_qparams(flat.amin(dim=1),
+                                           flat.amax(dim=1), self.bits,
+                                           self.symmetric)
+        return scale, zp
+
+    def _forward_token(self, x):
+        if x.numel() == 0:
+            return x
+        scale, zp = self.token_qparams(x)
+        out = fake_quantize(x.reshape(-1, x.shape[-1]), scale.to(x.dtype),
+                            zp, self.quant_min, self.quant_max, ch_axis=0)
+        return out.reshape(x.shape)
 
     # ------------------------------------------------------------ state dict
     def _load_from_state_dict(self, state_dict, prefix, local_metadata,
