@@ -33,6 +33,14 @@ def parse_args():
                         help='3 iterations on a tiny generated dataset; '
                         'exports into the work dir only')
     parser.add_argument('--out', help='exported checkpoint path')
+    parser.add_argument('--lr', type=float, help='override the base lr')
+    parser.add_argument(
+        '--skip-train', action='store_true',
+        help='reuse the work dir\'s iter_N.pth of a finished run: only '
+        'export, evaluate and record it')
+    parser.add_argument(
+        '--load-from', help='start from the weights of an earlier run\'s '
+        'iter_N.pth (a second training stage; fresh optimizer and schedule)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings (key=value)')
     return parser.parse_args()
@@ -50,6 +58,7 @@ def export_weights(src, dst, meta):
     os.close(fd)
     try:
         torch.save(dict(state_dict=state, meta=meta), tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, dst)
     except BaseException:
         os.unlink(tmp)
@@ -94,18 +103,31 @@ def main():
         warmup.end = min(warmup.end, max(1, iters // 10))
         main_sched.begin = warmup.end
         main_sched.end = iters
+    if args.lr:
+        cfg.optim_wrapper.optimizer.lr = args.lr
+    command = 'python tools/train_demo.py ' + ' '.join(
+        shlex.quote(a) for a in sys.argv[1:] if a != '--skip-train')
+    if args.load_from:
+        cfg.load_from = args.load_from
+        # Record the whole recipe: the stage this one starts from, then this.
+        prev = osp.join(osp.dirname(args.load_from), 'train_command.txt')
+        if osp.isfile(prev):
+            with open(prev) as f:
+                command = f.read().strip() + ' && ' + command
     ensure_demo_data(cfg)
-
-    start = time.time()
-    runner = Runner.from_cfg(cfg)
-    runner.train()
-    train_s = time.time() - start
+    train_s = None
+    if not args.skip_train:
+        os.makedirs(cfg.work_dir, exist_ok=True)
+        with open(osp.join(cfg.work_dir, 'train_command.txt'), 'w') as f:
+            f.write(command + '\n')
+        start = time.time()
+        runner = Runner.from_cfg(cfg)
+        runner.train()
+        train_s = round(time.time() - start)
     last = osp.join(cfg.work_dir, f'iter_{cfg.train_cfg.max_iters}.pth')
 
     out = args.out or (osp.join(cfg.work_dir, f'{name}.pth') if args.quick
                        else demo_checkpoint(name))
-    command = 'python tools/train_demo.py ' + ' '.join(
-        shlex.quote(a) for a in sys.argv[1:])
     export_weights(last, out, meta=dict(
         config=DEMO_MODELS[name][1], iters=cfg.train_cfg.max_iters,
         command=command))
@@ -120,7 +142,7 @@ def main():
         manifest[name] = dict(
             config=DEMO_MODELS[name][1], checkpoint=osp.relpath(out, ROOT),
             sha256=sha256sum(out), command=command,
-            iters=cfg.train_cfg.max_iters, train_seconds=round(train_s),
+            iters=cfg.train_cfg.max_iters, train_seconds=train_s,
             torch=torch.__version__, fp_metrics=metrics)
         write_json_atomic(MANIFEST, manifest)
 

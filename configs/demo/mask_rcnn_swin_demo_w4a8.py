@@ -3,10 +3,15 @@ _base_ = [
     '../_base_/methods/psaq_vit.py', '../_base_/bits/w4a8.py'
 ]
 load_from = 'dfq_dense/demo/checkpoints/mask_rcnn_swin_demo.pth'
-# Fewer images and iterations than on COCO: the demo runs on 2 CPU cores.
 test_cfg = dict(type='dfq_dense.DFQTestLoop')
+# Fewer images, iterations and sampled similarities than on COCO: the demo
+# (both models, FP and quantized evaluation) runs on 2 CPU cores in minutes.
 dfq = dict(
     synthesizer=dict(
-        _base_.dfq_synthesizer, num_images=16, batch_size=16, iterations=200),
+        _base_.dfq_synthesizer,
+        num_images=8,
+        batch_size=8,
+        iterations=100,
+        max_samples=10000),
     quantizer=_base_.dfq_quantizer,
     calib_batch_size=_base_.dfq_calib_batch_size)
