@@ -71,6 +71,7 @@ def write_json_atomic(path, obj):
     with os.fdopen(fd, 'w') as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write('\n')
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path)
 
 
