@@ -59,6 +59,18 @@ def test_real_config_builds(path):
     assert depth == (24 if '_swin_s_' in path else 12)
 
 
+@pytest.mark.parametrize(
+    'path', sorted(glob.glob(osp.join(REPO, 'configs', 'demo', '*_w?a?*.py'))),
+    ids=osp.basename)
+def test_demo_dfq_configs_parse(path):
+    cfg = Config.fromfile(path)
+    dfq = parse_dfq_config(cfg.dfq)
+    expected = 'GaussianNoise' if path.endswith('_noise.py') else 'PSAQViT'
+    assert dfq.synthesizer.type == expected
+    assert cfg.load_from.startswith('dfq_dense/demo/checkpoints/')
+    assert cfg.test_cfg.type == 'dfq_dense.DFQTestLoop'
+
+
 @pytest.mark.parametrize('override,message', [
     ('dfq.synthesizer.type=NoSuchMethod', 'unknown DFQ method'),
     ('dfq.quantizer.w_bits=17', 'bits must be an integer in 2-16'),

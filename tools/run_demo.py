@@ -6,7 +6,7 @@
 Runs tools/dfq_test.py with --eval-fp on the demo Mask R-CNN and UperNet
 (PSAQ-ViT calibration images by default, or the Gaussian-noise baseline) and
 prints one table with the FP and quantized figures.  Each run's
-dfq_results.json lands in <work-dir>/<config name>[_noise]/.
+dfq_results.json lands in <work-dir>/<config name>/.
 """
 import argparse
 import json
@@ -16,8 +16,8 @@ import sys
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(ROOT, 'tools'))
 
-# --method -> the dfq.synthesizer.type it selects.
-METHODS = {'psaq': 'PSAQViT', 'noise': 'GaussianNoise'}
+# --method -> suffix of the demo config (configs/demo/<model>_<bits><suffix>).
+METHODS = {'psaq': '', 'noise': '_noise'}
 KEYS = {'det': ['coco/bbox_mAP', 'coco/segm_mAP'], 'seg': ['mIoU']}
 
 
@@ -31,13 +31,11 @@ def main():
     import dfq_test
     rows = []
     for model in ('mask_rcnn_swin_demo', 'upernet_swin_demo'):
-        name = f'{model}_{args.bits}'
-        run_name = name if args.method == 'psaq' else f'{name}_{args.method}'
+        run_name = f'{model}_{args.bits}' + METHODS[args.method]
         work_dir = osp.join(args.work_dir, run_name)
         code = dfq_test.main([
-            osp.join('configs', 'demo', name + '.py'), '--work-dir', work_dir,
-            '--eval-fp', '--cfg-options',
-            f'dfq.synthesizer.type={METHODS[args.method]}'])
+            osp.join('configs', 'demo', run_name + '.py'), '--work-dir',
+            work_dir, '--eval-fp'])
         if code:
             return code
         with open(osp.join(work_dir, 'dfq_results.json')) as f:
