@@ -2,7 +2,7 @@
 import os
 import os.path as osp
 
-from mmengine.config import Config, DictAction  # noqa: F401  (re-export)
+from mmengine.config import Config
 from mmengine.runner import Runner
 
 from ..demo import ensure_demo_data
