@@ -12,12 +12,10 @@ Multi-GPU: ``torchrun --nproc_per_node=N tools/dfq_test.py ... --launcher
 pytorch`` (mmengine's launcher; slurm likewise).
 """
 import argparse
-import json
 import os
 import os.path as osp
 import platform
 import sys
-import tempfile
 import time
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -62,22 +60,6 @@ def _versions():
                 python=platform.python_version())
 
 
-def write_json_atomic(path, obj):
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=osp.dirname(osp.abspath(path)),
-                               prefix='.dfq_results.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(obj, f, indent=2)
-            f.write('\n')
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _metric_table(results):
     rows = [('metric', 'quantized', 'FP')]
     fp = results.get('fp_metrics') or {}
@@ -115,6 +97,7 @@ def run(args):
     from dfq_dense.engine.dfq_config import parse_dfq_config
     from dfq_dense.engine.runner import (check_dataset, load_config,
                                          resolve_checkpoint, task_of)
+    from dfq_dense.utils.fileio import write_json_atomic
 
     cfg = load_config(args.config, args.cfg_options)
     task = task_of(cfg)

@@ -29,6 +29,8 @@ def main():
     args = parser.parse_args()
 
     import dfq_test
+
+    from dfq_dense.utils.fileio import write_json_atomic
     rows = []
     for model in ('mask_rcnn_swin_demo', 'upernet_swin_demo'):
         run_name = f'{model}_{args.bits}' + METHODS[args.method]
@@ -45,7 +47,7 @@ def main():
                          res['metrics'][key], res['seconds']['total']))
     summary = [dict(run=r, metric=k, fp=fp, quantized=q, seconds=sec)
                for r, k, fp, q, sec in rows]
-    dfq_test.write_json_atomic(
+    write_json_atomic(
         osp.join(args.work_dir, f'summary_{args.bits}_{args.method}.json'),
         summary)
     print('\nDemo summary (FP vs data-free quantized):')

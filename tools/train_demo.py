@@ -65,16 +65,6 @@ def export_weights(src, dst, meta):
         raise
 
 
-def write_json_atomic(path, obj):
-    fd, tmp = tempfile.mkstemp(dir=osp.dirname(osp.abspath(path)),
-                               suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write('\n')
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
-
-
 def main():
     args = parse_args()
     sys.path.insert(0, ROOT)
@@ -84,6 +74,7 @@ def main():
                                 ensure_demo_data, load_manifest,
                                 set_demo_data_root, sha256sum)
     from dfq_dense.engine.runner import build_test_runner, load_config
+    from dfq_dense.utils.fileio import write_json_atomic
 
     name = next(n for n, (t, _) in DEMO_MODELS.items() if t == args.task)
     config = osp.join(ROOT, DEMO_MODELS[name][1])
@@ -145,7 +136,7 @@ def main():
             sha256=sha256sum(out), command=command,
             iters=cfg.train_cfg.max_iters, train_seconds=train_s,
             torch=torch.__version__, fp_metrics=metrics)
-        write_json_atomic(MANIFEST, manifest)
+        write_json_atomic(MANIFEST, manifest, sort_keys=True)
 
 
 if __name__ == '__main__':
