@@ -5,14 +5,14 @@ See ``fake_quant`` (conventions), ``observers`` (qparams), ``quantizer``
 ``convert`` (``quantize_model`` and calibration helpers).
 """
 from .calibrators import (MovingAverageMinMaxObserver, MSEObserver,
-                          OMSEObserver, PercentileObserver, range_to_qparams)
+                          OMSEObserver, PercentileObserver)
 from .convert import (enable_calibration, finish_calibration,
                       iter_quantizers, quant_state_dict, quantize_model,
                       set_quantizers_enabled)
 from .fake_quant import fake_quantize, round_ste
 from .modules import (QuantConv2d, QuantConvTranspose2d, QuantLinear,
                       QuantMatMul, QuantWeightModule, QuantWindowMSA)
-from .observers import MinMaxObserver, qrange
+from .observers import MinMaxObserver, qrange, range_to_qparams
 from .quantizer import Quantizer, check_bits
 from .softmax_quant import (SoftmaxQuantizer, log2_quantize,
                             log_sqrt2_quantize)

@@ -44,11 +44,11 @@ from mmengine import dist
 
 from ..registry import TASK_UTILS
 from .fake_quant import fake_quantize
-from .observers import MinMaxObserver, qrange
+from .observers import MinMaxObserver, range_to_qparams
 
 __all__ = [
     'MovingAverageMinMaxObserver', 'PercentileObserver', 'MSEObserver',
-    'OMSEObserver', 'range_to_qparams', 'check_percentile'
+    'OMSEObserver', 'check_percentile'
 ]
 
 
@@ -60,25 +60,6 @@ def check_percentile(percentile):
         raise ValueError(
             f'percentile must be in (0, 100], got {percentile!r}')
     return float(percentile)
-
-
-def range_to_qparams(min_val, max_val, bits, symmetric, eps=1e-8):
-    """``(scale, zero_point, qmin, qmax)`` of the range ``[min_val, max_val]``
-    (tensors, 0-dim or 1-D), with MinMaxObserver's conventions."""
-    qmin, qmax = qrange(bits, symmetric)
-    min_val = min_val.float()
-    max_val = max_val.float()
-    if symmetric:
-        amax = torch.maximum(min_val.abs(), max_val.abs())
-        scale = (amax / ((2 ** bits - 1) / 2)).clamp(min=eps)
-        zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    else:
-        min_val = min_val.clamp(max=0)
-        max_val = max_val.clamp(min=0)
-        scale = ((max_val - min_val) / float(2 ** bits - 1)).clamp(min=eps)
-        zero_point = torch.round(-min_val / scale).clamp(qmin, qmax).to(
-            torch.int32)
-    return scale, zero_point, qmin, qmax
 
 
 def _channels_first(x, ch_axis):

@@ -25,7 +25,7 @@ from mmengine import dist
 
 from ..registry import TASK_UTILS
 
-__all__ = ['MinMaxObserver', 'qrange']
+__all__ = ['MinMaxObserver', 'qrange', 'range_to_qparams']
 
 
 def qrange(bits, symmetric):
@@ -33,6 +33,25 @@ def qrange(bits, symmetric):
     if symmetric:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2 ** bits - 1
+
+
+def range_to_qparams(min_val, max_val, bits, symmetric, eps=1e-8):
+    """``(scale, zero_point, qmin, qmax)`` of the range ``[min_val, max_val]``
+    (tensors, 0-dim or 1-D), with the conventions of the module docstring."""
+    qmin, qmax = qrange(bits, symmetric)
+    min_val = min_val.float()
+    max_val = max_val.float()
+    if symmetric:
+        amax = torch.maximum(min_val.abs(), max_val.abs())
+        scale = (amax / ((2 ** bits - 1) / 2)).clamp(min=eps)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        min_val = min_val.clamp(max=0)
+        max_val = max_val.clamp(min=0)
+        scale = ((max_val - min_val) / float(2 ** bits - 1)).clamp(min=eps)
+        zero_point = torch.round(-min_val / scale).clamp(qmin, qmax).to(
+            torch.int32)
+    return scale, zero_point, qmin, qmax
 
 
 @TASK_UTILS.register_module()
@@ -123,24 +142,10 @@ class MinMaxObserver:
         0-dim for per-tensor and 1-D for per-channel observers.
         """
         if not self.observed:
-            raise RuntimeError('MinMaxObserver.compute_qparams: nothing '
-                               'has been observed')
-        qmin, qmax = qrange(bits, symmetric)
-        min_val = self.min_val.float()
-        max_val = self.max_val.float()
-        if symmetric:
-            amax = torch.maximum(min_val.abs(), max_val.abs())
-            scale = amax / ((2 ** bits - 1) / 2)
-            scale = scale.clamp(min=self.eps)
-            zero_point = torch.zeros_like(scale, dtype=torch.int32)
-        else:
-            min_val = min_val.clamp(max=0)
-            max_val = max_val.clamp(min=0)
-            scale = (max_val - min_val) / float(2 ** bits - 1)
-            scale = scale.clamp(min=self.eps)
-            zero_point = torch.round(-min_val / scale).clamp(qmin, qmax)
-            zero_point = zero_point.to(torch.int32)
-        return scale, zero_point, qmin, qmax
+            raise RuntimeError(f'{type(self).__name__}.compute_qparams: '
+                               'nothing has been observed')
+        return range_to_qparams(self.min_val, self.max_val, bits, symmetric,
+                                self.eps)
 
     def __repr__(self):
         return (f'{type(self).__name__}(granularity={self.granularity!r}, '

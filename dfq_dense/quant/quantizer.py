@@ -18,7 +18,7 @@ from mmengine.logging import print_log
 
 from ..registry import MODELS, TASK_UTILS, build
 from .fake_quant import fake_quantize
-from .observers import qrange
+from .observers import qrange, range_to_qparams
 
 __all__ = ['Quantizer', 'check_bits']
 
@@ -145,7 +145,6 @@ class Quantizer(nn.Module):
     def token_qparams(self, x):
         """Per-token ``(scale, zero_point)`` of ``x`` (1-D, one per row of
         ``x.reshape(-1, x.shape[-1])``), MinMaxObserver's formulas."""
-        from .calibrators import range_to_qparams  # avoid an import cycle
         flat = x.detach().float().reshape(-1, x.shape[-1])
         scale, zp, _, _ = range_to_qparams(flat.amin(dim=1),
                                            flat.amax(dim=1), self.bits,
