@@ -1,0 +1,730 @@
+"""SPDFQ (later renamed SARDFQ) image synthesis at the backbone level of Swin.
+
+SPDFQ optimises the synthetic pixels with three terms:
+
+* **Attention Priors Alignment (APA)**: every attention head of the deeper
+  half of the blocks is asked to follow a random Gaussian-mixture "structure"
+  prior (:func:`gaussian_mixture_prior`,
+  :func:`attention_prior_alignment_loss`);
+  the post-softmax attention is recorded by :class:`AttnProbRecorder`.
+* **Multi-Semantic Reinforcement (MSR)**: a few non-overlapping regions of
+  every image are cropped, resized to the input size and optimised with
+  their own targets (:func:`msr_regions`, :func:`crop_and_resize`,
+  :func:`msr_crops`), so each region carries its own semantics.
+* **Soft-label learning (SL)**: soft targets ``softmax(Z)``, ``Z``'s target
+  entry ``~ U(5, 10)``, with a soft cross-entropy per image and per crop.
+
+plus the TV prior of PSAQ-ViT.  :class:`SPDFQ` is the synthesizer.
+"""
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from mmengine.logging import MessageHub, print_log
+from torch import nn
+
+from ..registry import MODELS
+from .base import BaseSynthesizer, clamp_to_range, get_backbone
+from .feature_targets import (RandomProjectionHead, random_hard_targets,
+                              random_soft_targets, soft_cross_entropy)
+from .hooks import find_shift_window_msa, window_valid_mask
+from .losses import TAU_REF_PIXELS, tv_prior_loss
+
+__all__ = [
+    'AttnProbRecorder', 'gaussian_mixture_prior',
+    'attention_prior_alignment_loss', 'msr_regions', 'crop_and_resize',
+    'msr_crops', 'SPDFQ'
+]
+
+
+# --------------------------------------------------------------------------
+# recorder of the post-softmax window attention
+# --------------------------------------------------------------------------
+class AttnProbRecorder:
+    """Record the post-softmax window attention of every Swin block.
+
+    Hooks each ``ShiftWindowMSA`` (forward pre-hook: ``hw_shape`` and the
+    image batch size) and its ``w_msa.softmax`` (forward hook: the attention
+    probabilities ``(B_img * nW, heads, N, N)``).  Works with mmdet's and
+    mmseg's ``WindowMSA`` and with
+    :class:`~dfq_dense.quant.modules.QuantWindowMSA` (which keeps
+    ``.softmax``, ``.num_heads`` and ``.window_size``), provided the
+    recorder is built after the replacement.
+
+    After a forward of the backbone ``self.records`` holds one dict per block,
+    in forward order::
+
+        {'probs': (B_img, nW, heads, N, N) attention (rows sum to 1),
+         'valid': (B_img, nW, N) bool, False on Swin's padding tokens,
+         'depth': l in 1..L (index of the block over all stages),
+         'num_blocks': L, 'name', 'hw_shape', 'shift_size',
+         'window_size': int, 'num_heads': int}
+
+    Records accumulate across forwards; call :meth:`clear` before one.  Set
+    ``enabled = False`` to run forwards that are not recorded.
+
+    Args:
+        backbone: mmdet/mmseg ``SwinTransformer`` (or any module containing
+            ``ShiftWindowMSA`` modules).
+
+    Raises:
+        ValueError: ``backbone`` has no ``ShiftWindowMSA``.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        self.modules = find_shift_window_msa(backbone)
+        if not self.modules:
+            raise ValueError(
+                'AttnProbRecorder needs a Swin backbone with ShiftWindowMSA '
+                f'attention; found {type(backbone).__name__}')
+        self.num_blocks = len(self.modules)
+        self.enabled = True
+        self.records: List[Dict] = []
+        self._pending: Dict[int, Tuple[Tuple[int, int], int]] = {}
+        self._mask_cache: Dict[tuple, torch.Tensor] = {}
+        self._handles = []
+        for idx, (name, mod) in enumerate(self.modules):
+            softmax = getattr(mod.w_msa, 'softmax', None)
+            if not isinstance(softmax, nn.Module):
+                raise ValueError(
+                    f'{name}.w_msa ({type(mod.w_msa).__name__}) has no '
+                    '`softmax` module to hook')
+            self._handles.append(mod.register_forward_pre_hook(
+                self._make_msa_hook(idx), with_kwargs=True))
+            self._handles.append(softmax.register_forward_hook(
+                self._make_softmax_hook(idx, name, mod)))
+
+    def block_specs(self) -> List[Tuple[int, int]]:
+        """``(num_heads, window_size)`` of every block, in forward order."""
+        return [(int(m.w_msa.num_heads), int(m.window_size))
+                for _, m in self.modules]
+
+    # ------------------------------------------------------------------ hooks
+    def _make_msa_hook(self, idx):
+
+        def hook(module, args, kwargs):
+            if not self.enabled:
+                return
+            query = args[0] if args else kwargs['query']
+            hw_shape = args[1] if len(args) > 1 else kwargs['hw_shape']
+            self._pending[idx] = ((int(hw_shape[0]), int(hw_shape[1])),
+                                  int(query.shape[0]))
+
+        return hook
+
+    def _make_softmax_hook(self, idx, name, msa):
+
+        def hook(module, args, out):
+            if not self.enabled or idx not in self._pending:
+                return  # softmax called outside ShiftWindowMSA.forward
+            hw_shape, b_img = self._pending.pop(idx)
+            ws = int(msa.window_size)
+            valid = self._valid(hw_shape, ws, int(msa.shift_size),
+                                out.device)  # (nW, N)
+            nw, n = valid.shape
+            bnw, heads, n_q, n_k = out.shape
+            assert n_q == n_k == n and bnw == b_img * nw, (
+                f'unexpected attention {tuple(out.shape)} for hw_shape '
+                f'{hw_shape}, window {ws}, batch {b_img}')
+            self.records.append(
+                dict(probs=out.reshape(b_img, nw, heads, n, n),
+                     valid=valid.unsqueeze(0).expand(b_img, nw, n),
+                     depth=idx + 1, num_blocks=self.num_blocks, name=name,
+                     hw_shape=hw_shape, shift_size=int(msa.shift_size),
+                     window_size=ws, num_heads=heads))
+
+        return hook
+
+    def _valid(self, hw_shape, window_size, shift_size, device):
+        key = (hw_shape, window_size, shift_size, str(device))
+        if key not in self._mask_cache:
+            self._mask_cache[key] = window_valid_mask(
+                hw_shape, window_size, shift_size, device)
+        return self._mask_cache[key]
+
+    # ------------------------------------------------------------------- api
+    def clear(self):
+        """Drop the records (call before every forward)."""
+        self.records = []
+        self._pending = {}
+
+    def remove(self):
+        """Remove all hooks and drop the records."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def __len__(self):
+        return self.num_blocks
+
+
+# --------------------------------------------------------------------------
+# attention priors alignment
+# --------------------------------------------------------------------------
+def gaussian_mixture_prior(num_maps: int,
+                           hw: Union[int, Sequence[int]] = (7, 7),
+                           num_components: int = 5,
+                           generator: Optional[torch.Generator] = None,
+                           sigma_range: Tuple[float, float] = (0.1, 0.3),
+                           weight_range: Tuple[float, float] = (0.1, 1.0)
+                           ) -> torch.Tensor:
+    """Random Gaussian-mixture maps over a window grid, each summing to 1.
+
+    Every map is ``sum_c w_c exp(-|p - mu_c|^2 / (2 sigma_c^2))`` evaluated
+    at the cell centres ``p = (i, j)``, ``0 <= i < h``, ``0 <= j < w``, then
+    divided by its sum.  Per component:
+
+    * centre ``mu_c ~ U([0, h-1] x [0, w-1])`` (continuous, inside the
+      window),
+    * isotropic ``sigma_c = s * max(h, w)`` with ``s ~ U(sigma_range)``
+      (default 0.1..0.3 of the window side: 0.7..2.1 cells for a 7x7
+      window), so the prior's shape does not depend on the window size,
+    * weight ``w_c ~ U(weight_range)`` (positive).
+
+    Args:
+        num_maps: number of maps (e.g. heads of a block).
+        hw: ``(h, w)`` of the window grid (or an int).
+        num_components: Gaussians per map.
+        generator: CPU generator; the maps are a deterministic function of
+            its state (a fresh one seeded with 0 when None).
+
+    Returns:
+        float32 ``(num_maps, h, w)``, non-negative, each map summing to 1.
+    """
+    if isinstance(hw, int):
+        hw = (hw, hw)
+    h, w = int(hw[0]), int(hw[1])
+    if num_components < 1:
+        raise ValueError(f'num_components must be >= 1, got {num_components}')
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    shape = (num_maps, num_components)
+    cy = torch.rand(shape, generator=generator) * (h - 1)
+    cx = torch.rand(shape, generator=generator) * (w - 1)
+    s_lo, s_hi = sigma_range
+    sigma = (s_lo + (s_hi - s_lo) * torch.rand(shape, generator=generator)) \
+        * max(h, w)
+    w_lo, w_hi = weight_range
+    weight = w_lo + (w_hi - w_lo) * torch.rand(shape, generator=generator)
+    ii = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1)
+    jj = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w)
+    d2 = (ii - cy[..., None, None])**2 + (jj - cx[..., None, None])**2
+    g = torch.exp(-d2 / (2 * sigma[..., None, None]**2))
+    maps = (weight[..., None, None] * g).sum(1)  # (num_maps, h, w)
+    return maps / maps.sum((-2, -1), keepdim=True)
+
+
+def _prior_of(priors, depth):
+    if isinstance(priors, dict):
+        return priors.get(depth)
+    return priors[depth - 1] if depth - 1 < len(priors) else None
+
+
+def attention_prior_alignment_loss(records: Sequence[Dict],
+                                   priors: Union[Sequence, Dict],
+                                   deeper_half: bool = True,
+                                   depth_weight: bool = True,
+                                   return_per_block: bool = False):
+    """APA loss of SPDFQ for Swin window attention.
+
+    For a block of depth ``l`` (``records[i]['depth']``, 1..L over all blocks
+    of all stages) and every image ``b``, window ``w`` and head ``h``:
+
+    1. ``a[k] = mean_{valid queries q} probs[b, w, h, q, k]``: the attention
+       averaged over the real (non-padding) query tokens, Swin's counterpart
+       of DeiT's CLS-to-patch row; a distribution over the ``N = ws * ws``
+       keys of the window (row-major window grid).
+    2. Padding keys (Swin's zero padding, ``valid`` False) carry no image
+       content: both ``a`` and the head's prior map ``p`` (``priors[l]``
+       ``[h]``, flattened row-major) are restricted to the ``n_v`` valid
+       keys of the window and renormalised to sum 1 there.  Windows without
+       padding use them unchanged.
+    3. ``mse = mean_{valid k} (n_v * (a[k] - p[k]))^2``: the squared error
+       of the two maps in units of the uniform density ``1 / n_v``
+       (i.e. plain MSE of the probabilities times ``n_v^2``), so the loss
+       scale, and hence ``apa_weight``, does not depend on the window size.
+
+    Block loss ``L_l = mean_{b, w, h} mse`` (images, windows and heads
+    weigh the same).  Total::
+
+        L_APA = sum_{l > L/2} (l / L) * L_l
+
+    (a *sum* over the deeper half of the blocks, each weighted by its depth;
+    ``deeper_half=False`` uses every block, ``depth_weight=False`` weight 1).
+
+    Args:
+        records: :class:`AttnProbRecorder` records (``probs``, ``valid``,
+            ``depth``, ``num_blocks``).
+        priors: ``priors[l - 1]`` (a sequence) or ``priors[l]`` (a dict) is
+            block ``l``'s ``(heads, ws, ws)`` (or ``(heads, N)``) maps; may
+            be None for blocks that are not used.
+        return_per_block: also return ``{l: detached L_l}``.
+
+    Returns:
+        scalar loss (and the per-block dict).
+    """
+    if len(records) == 0:
+        raise ValueError('attention_prior_alignment_loss got no records: was '
+                         'the backbone run inside an AttnProbRecorder?')
+    total = None
+    per_block = {}
+    for rec in records:
+        l, L = int(rec['depth']), int(rec['num_blocks'])
+        if deeper_half and not l > L / 2:
+            continue
+        probs = rec['probs']  # (B, nW, H, N, N)
+        if probs.dtype not in (torch.float32, torch.float64):
+            probs = probs.float()
+        B, nW, H, N, _ = probs.shape
+        valid = rec.get('valid')
+        if valid is None:
+            valid = torch.ones((B, nW, N), dtype=torch.bool,
+                               device=probs.device)
+        v = valid.to(probs)  # (B, nW, N)
+        prior = _prior_of(priors, l)
+        if prior is None:
+            raise ValueError(f'no prior for block {l}')
+        prior = prior.to(probs).reshape(-1, N)
+        assert prior.shape[0] == H, (
+            f'block {l}: prior has {prior.shape[0]} maps for {H} heads')
+        # 1. average over the valid queries -> (B, nW, H, N)
+        nq = v.sum(-1).clamp_min(1)  # (B, nW)
+        a = (probs * v[:, :, None, :, None]).sum(3) / nq[:, :, None, None]
+        # 2. restrict to the valid keys and renormalise
+        vk = v[:, :, None, :]  # (B, nW, 1, N)
+        a = a * vk
+        a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+        p = prior[None, None] * vk  # (B, nW, H, N)
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+        # 3. MSE over the valid keys in uniform-density units
+        nk = vk.sum(-1, keepdim=True).clamp_min(1)  # (B, nW, 1, 1)
+        err = ((nk * (a - p))**2 * vk).sum(-1) / nk[..., 0]  # (B, nW, H)
+        block = err.mean()
+        per_block[l] = block.detach()
+        wgt = l / L if depth_weight else 1.0
+        total = wgt * block if total is None else total + wgt * block
+    if total is None:
+        total = records[0]['probs'].new_zeros(()).float()
+    if return_per_block:
+        return total, per_block
+    return total
+
+
+# --------------------------------------------------------------------------
+# multi-semantic reinforcement
+# --------------------------------------------------------------------------
+def _grid_cuts(size: int, parts: int, jitter: float,
+               generator: torch.Generator) -> List[int]:
+    """``parts + 1`` increasing cut positions of ``[0, size]``: the equal
+    cuts ``i * size / parts`` moved by ``U(-jitter, jitter)`` of a cell."""
+    cell = size / parts
+    cuts = [0]
+    for i in range(1, parts):
+        u = (2 * torch.rand((), generator=generator).item() - 1) * jitter
+        cuts.append(int(round((i + u) * cell)))
+    cuts.append(size)
+    for i in range(1, len(cuts)):  # at least one pixel per cell
+        cuts[i] = max(cuts[i], cuts[i - 1] + 1)
+    if cuts[-1] != size:
+        raise ValueError(f'cannot split {size} pixels into {parts} parts')
+    return cuts
+
+
+def msr_regions(n: int,
+                hw: Tuple[int, int],
+                num_patches: int = 4,
+                generator: Optional[torch.Generator] = None,
+                grid: Tuple[int, int] = (2, 2),
+                split_jitter: float = 0.15) -> torch.Tensor:
+    """Non-overlapping MSR regions of ``n`` images of size ``hw``.
+
+    Each image is split by a ``grid`` (default 2x2: quadrants) whose inner
+    cut lines are drawn per image (the equal cuts moved by up to
+    ``split_jitter`` of a cell, uniformly), so the regions differ between
+    images; then ``k = min(num_patches, grid_h * grid_w)`` cells are picked
+    at random (``randperm``).  The cells of a grid tile the image, so the
+    picked regions never overlap.  Every image gets the same number ``k``
+    (a fixed crop batch), chosen in a different random subset.
+
+    Returns:
+        long ``(n * k, 5)``: ``(image index, y0, y1, x0, x1)`` (end
+        exclusive), images outermost.
+    """
+    H, W = int(hw[0]), int(hw[1])
+    gh, gw = int(grid[0]), int(grid[1])
+    if not 0 <= split_jitter < 0.5:
+        raise ValueError(f'split_jitter must be in [0, 0.5), got '
+                         f'{split_jitter}')
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    k = min(int(num_patches), gh * gw)
+    if k < 1:
+        raise ValueError(f'num_patches must be >= 1, got {num_patches}')
+    boxes = []
+    for b in range(n):
+        ys = _grid_cuts(H, gh, split_jitter, generator)
+        xs = _grid_cuts(W, gw, split_jitter, generator)
+        cells = torch.randperm(gh * gw, generator=generator)[:k].tolist()
+        for c in cells:
+            r, q = divmod(c, gw)
+            boxes.append((b, ys[r], ys[r + 1], xs[q], xs[q + 1]))
+    return torch.tensor(boxes, dtype=torch.long).reshape(-1, 5)
+
+
+def crop_and_resize(x: torch.Tensor, boxes: torch.Tensor,
+                    size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """Crop ``boxes`` (``(M, 5)``, see :func:`msr_regions`) out of ``x``
+    ``(B, C, H, W)`` and resize each to ``size`` (default ``(H, W)``) with
+    bilinear interpolation (``align_corners=False``).
+
+    Each crop is computed from its slice of ``x`` only, so its gradient
+    w.r.t. ``x`` is zero outside its region.  Returns ``(M, C, *size)``.
+    """
+    if size is None:
+        size = tuple(x.shape[-2:])
+    size = (int(size[0]), int(size[1]))
+    out = []
+    for b, y0, y1, x0, x1 in boxes.tolist():
+        patch = x[b:b + 1, :, y0:y1, x0:x1]
+        out.append(F.interpolate(patch, size=size, mode='bilinear',
+                                 align_corners=False))
+    return torch.cat(out, 0)
+
+
+def msr_crops(x: torch.Tensor,
+              num_patches: int = 4,
+              generator: Optional[torch.Generator] = None,
+              grid: Tuple[int, int] = (2, 2),
+              split_jitter: float = 0.15,
+              size: Optional[Tuple[int, int]] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`msr_regions` then :func:`crop_and_resize`.
+
+    Returns:
+        ``(crops (n * k, C, H, W), boxes (n * k, 5))``.
+    """
+    boxes = msr_regions(x.shape[0], tuple(x.shape[-2:]), num_patches,
+                        generator, grid, split_jitter)
+    return crop_and_resize(x, boxes, size), boxes
+
+
+# --------------------------------------------------------------------------
+# synthesizer
+# --------------------------------------------------------------------------
+@MODELS.register_module()
+class SPDFQ(BaseSynthesizer):
+    """SPDFQ / SARDFQ data-free synthesis for Swin backbones.
+
+    Per batch of ``n`` images (everything random from the seeded generator,
+    drawn in this order): ``x ~ N(0, 1)`` (normalised space, clamped to the
+    valid range); one prior per (block, head)
+    (:func:`gaussian_mixture_prior`, ``num_components`` Gaussians over the
+    block's window grid), kept for the whole batch; one target per image;
+    the MSR regions of every image (:func:`msr_regions`, fixed for the
+    batch, so each region keeps optimising towards the same target) and
+    one target per region.  Adam on the pixels; each iteration:
+
+    1. ``x_aug`` = random roll (``jitter`` px) + horizontal flip of ``x`` (as
+       :class:`~dfq_dense.synth.psaq.PSAQViT`); ``backbone(x_aug)`` under an
+       :class:`AttnProbRecorder`; ``L_APA`` on its records
+       (:func:`attention_prior_alignment_loss`: sum over the blocks
+       ``l > L/2`` of ``(l / L) *`` mean-over-images/windows/heads MSE) and
+       ``L_SL_img = soft_cross_entropy(head(feats), image targets)``;
+       backward.
+    2. MSR: the regions are cropped from the *un-augmented* ``x`` and
+       resized (bilinear) to ``crop_size`` (default the input size, as in
+       the paper), then given their own random roll / flip;
+       ``L_SL_crops = soft_cross_entropy(head(backbone(crops)), region
+       targets)``; backward (a second forward, not recorded, so the peak
+       memory is that of one batch; the gradients add up in ``x``).
+       A crop's gradient reaches only its region of ``x``.
+    3. ``L_TV = tv_prior_loss(x)`` (on the un-augmented ``x``, random
+       target from ``tau_range`` scaled to the batch size / resolution,
+       exactly as PSAQViT); backward; Adam step; clamp to the valid range.
+
+    Total: ``apa_weight * L_APA + L_SL_img + L_SL_crops + L_TV`` (``L_TV``
+    already carries ``tv_weight``, 0.05 as in the reference).
+
+    Backbone-level replacement of the class logits: a detector / segmentor
+    backbone has no classifier, so the logits are those of a fixed
+    :class:`~dfq_dense.synth.feature_targets.RandomProjectionHead`
+    (``num_classes`` random directions of the concatenated, per-stage
+    standardised, spatially pooled backbone outputs; its weights are drawn
+    from ``seed``).  A soft target asks the pooled features of an image /
+    region to point mostly along one random direction, like the soft label
+    of a class asks the classifier.  Targets:
+    :func:`~dfq_dense.synth.feature_targets.random_soft_targets`
+    (``softmax(Z)``, ``Z`` zero except one random entry ``~ U(5, 10)``).
+    ``num_classes`` defaults to 1000, ImageNet's, so a target keeps the
+    paper's softness (0.13 .. 0.96 on the target entry for ``Z`` in
+    ``[5, 10]``).
+
+    Choices the paper / reference leave open (documented here):
+
+    * Swin attention target: the attention averaged over the valid query
+      tokens of each window, restricted and renormalised to the valid keys;
+      the prior is shared by all windows and images of a block / head and
+      compared on the window grid (see
+      :func:`attention_prior_alignment_loss`, which also fixes the MSE
+      units: uniform-density units, so the default ``apa_weight`` of 1.0 is
+      window-size independent; the paper's alpha is not given).
+    * Depth ``l`` counts all blocks of all stages (1..L); "deeper half" is
+      ``l > L / 2``; the block losses are summed.
+    * Prior maps: centres uniform in the window, isotropic sigma
+      ``U(prior_sigma_range) * window side``, weights ``U(0.1, 1)``; drawn
+      once per synthesized batch.
+    * MSR regions: cells of a 2x2 grid with per-image jittered cut lines,
+      ``min(num_patches, 4)`` of them per image (a random subset); fixed for
+      the batch; crops and images optimised in two forwards per iteration.
+    * ``L_SL`` = mean soft CE over the images + mean soft CE over the
+      crops (each its own mean, so the crops weigh as much as the images).
+    * Optimiser / schedule: Adam ``lr=0.25``, ``betas=(0.5, 0.9)``, linear
+      warm-up over ``min(100, iterations // 5)`` iterations then cosine to
+      0, and the roll / flip augmentation, as this repo's PSAQViT (the
+      reference gives only "Adam, 1000 iterations, 32 images").
+
+    Ablation: ``components=dict(apa=..., msr=..., soft_label=..., tv=...)``
+    (missing keys default to True).  ``apa=False`` drops ``L_APA`` (and the
+    hooks); ``msr=False`` drops the crops; ``soft_label=False`` replaces the
+    soft targets by one-hot random labels (the hard-label CE of PSAQ-ViT,
+    i.e. the paper's "without SL" setting) for images and crops alike;
+    ``tv=False`` drops ``L_TV``.  Set ``label_weight=0`` to drop the label
+    loss altogether.
+
+    Args (beyond :class:`BaseSynthesizer`):
+        lr, betas, warmup_iters, jitter, flip: optimiser and augmentation.
+        apa_weight: alpha, the weight of ``L_APA``.
+        num_components, prior_sigma_range: prior maps.
+        num_patches, msr_grid, msr_split_jitter, crop_size: MSR regions.
+        num_classes, logit_scale, soft_range: random head and soft targets.
+        label_weight: weight of ``L_SL`` (1.0).
+        tv_weight, tau_range, tau_ref_pixels: TV prior.
+        components: the ablation switches above.
+    """
+
+    COMPONENTS = ('apa', 'msr', 'soft_label', 'tv')
+
+    def __init__(self,
+                 num_images: int = 32,
+                 batch_size: int = 32,
+                 img_size=None,
+                 iterations: int = 1000,
+                 seed: int = 0,
+                 lr: float = 0.25,
+                 betas: Tuple[float, float] = (0.5, 0.9),
+                 warmup_iters: Optional[int] = None,
+                 jitter: int = 15,
+                 flip: bool = True,
+                 apa_weight: float = 1.0,
+                 num_components: int = 5,
+                 prior_sigma_range: Tuple[float, float] = (0.1, 0.3),
+                 num_patches: int = 4,
+                 msr_grid: Tuple[int, int] = (2, 2),
+                 msr_split_jitter: float = 0.15,
+                 crop_size=None,
+                 num_classes: int = 1000,
+                 logit_scale: float = 1.0,
+                 soft_range: Tuple[float, float] = (5.0, 10.0),
+                 label_weight: float = 1.0,
+                 tv_weight: float = 0.05,
+                 tau_range: Tuple[float, float] = (2500., 3000.),
+                 tau_ref_pixels: int = TAU_REF_PIXELS,
+                 components: Optional[dict] = None,
+                 log_interval: int = 50,
+                 progress: bool = True,
+                 device=None):
+        super().__init__(num_images=num_images, batch_size=batch_size,
+                         img_size=img_size, iterations=iterations, seed=seed,
+                         log_interval=log_interval, progress=progress,
+                         device=device)
+        comps = dict(components or {})
+        unknown = sorted(set(comps) - set(self.COMPONENTS))
+        if unknown:
+            raise ValueError(
+                f'SPDFQ: unknown component(s) {unknown}; known components: '
+                f'{list(self.COMPONENTS)}')
+        self.components = {k: bool(comps.get(k, True))
+                           for k in self.COMPONENTS}
+        self.lr = float(lr)
+        self.betas = tuple(betas)
+        self.warmup_iters = (min(100, self.iterations // 5)
+                             if warmup_iters is None else int(warmup_iters))
+        self.jitter = int(jitter)
+        self.flip = bool(flip)
+        self.apa_weight = float(apa_weight)
+        self.num_components = int(num_components)
+        self.prior_sigma_range = tuple(prior_sigma_range)
+        self.num_patches = int(num_patches)
+        self.msr_grid = tuple(int(g) for g in msr_grid)
+        self.msr_split_jitter = float(msr_split_jitter)
+        self.crop_size = (None if crop_size is None else
+                          self._hw(crop_size))
+        self.num_classes = int(num_classes)
+        self.soft_range = tuple(soft_range)
+        self.label_weight = float(label_weight)
+        self.tv_weight = float(tv_weight)
+        self.tau_range = tuple(tau_range)
+        self.tau_ref_pixels = int(tau_ref_pixels)
+        self.head = RandomProjectionHead(num_classes=self.num_classes,
+                                         logit_scale=logit_scale,
+                                         seed=self.seed)
+        if self.components['msr'] and self.num_patches < 1:
+            raise ValueError('SPDFQ: num_patches must be >= 1 with msr on')
+
+    def check_model(self, model):
+        """SPDFQ hooks Swin window attention: ValueError without it."""
+        super().check_model(model)
+        AttnProbRecorder(get_backbone(model)).remove()
+
+    # ------------------------------------------------------------- schedule
+    def lr_at(self, it: int) -> float:
+        """Learning rate of iteration ``it`` (0-based): warm-up + cosine."""
+        w, T = self.warmup_iters, self.iterations
+        if it < w:
+            return self.lr * (it + 1) / w
+        if T <= w:
+            return self.lr
+        return self.lr * 0.5 * (1 + math.cos(math.pi * (it - w) / (T - w)))
+
+    def augment(self, x: torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+        """Random roll jitter and horizontal flip (differentiable)."""
+        if self.jitter > 0:
+            dx, dy = torch.randint(-self.jitter, self.jitter + 1, (2, ),
+                                   generator=generator).tolist()
+            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+        if self.flip and torch.rand((), generator=generator).item() < 0.5:
+            x = torch.flip(x, dims=(3, ))
+        return x
+
+    def _bar_steps(self) -> int:
+        return max(1, self.iterations)
+
+    def _targets(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        if self.components['soft_label']:
+            lo, hi = self.soft_range
+            return random_soft_targets(n, self.num_classes, generator, lo, hi)
+        idx = random_hard_targets(n, self.num_classes, generator)
+        return F.one_hot(idx, self.num_classes).float()
+
+    def _label_loss(self, backbone, x, targets):
+        feats = backbone(x)
+        if isinstance(feats, torch.Tensor):
+            feats = [feats]
+        return soft_cross_entropy(self.head(list(feats)), targets)
+
+    # ------------------------------------------------------------ synthesis
+    def synthesize_batch(self, backbone, n, hw, device, generator,
+                         batch_idx=0, bar=None):
+        H, W = hw
+        comps = self.components
+        mean, std = self.mean.to(device), self.std.to(device)
+        x = torch.randn((n, 3, H, W), generator=generator).to(device)
+        x = clamp_to_range(x, mean, std).requires_grad_(True)
+        rec = AttnProbRecorder(backbone)  # also checks the backbone
+        if comps['apa']:
+            priors = [
+                gaussian_mixture_prior(heads, (ws, ws), self.num_components,
+                                       generator, self.prior_sigma_range
+                                       ).to(device)
+                for heads, ws in rec.block_specs()
+            ]
+        else:
+            rec.remove()
+        use_labels = self.label_weight != 0
+        img_targets = self._targets(n, generator).to(device)
+        boxes = crop_targets = None
+        if comps['msr']:
+            boxes = msr_regions(n, (H, W), self.num_patches, generator,
+                                self.msr_grid, self.msr_split_jitter)
+            crop_targets = self._targets(boxes.shape[0],
+                                         generator).to(device)
+        opt = torch.optim.Adam([x], lr=self.lr, betas=self.betas)
+        hub = MessageHub.get_current_instance()
+        zero = torch.zeros((), device=device)
+        try:
+            for it in range(self.iterations):
+                for group in opt.param_groups:
+                    group['lr'] = self.lr_at(it)
+                opt.zero_grad(set_to_none=True)
+                # 1. images: APA + image labels
+                loss_apa, loss_img = zero, zero
+                if comps['apa'] or use_labels:
+                    x_aug = self.augment(x, generator)
+                    rec.clear()
+                    if use_labels:
+                        loss_img = self._label_loss(backbone, x_aug,
+                                                    img_targets)
+                    else:
+                        backbone(x_aug)
+                    if comps['apa']:
+                        loss_apa = attention_prior_alignment_loss(
+                            rec.records, priors)
+                    rec.clear()
+                    loss1 = self.apa_weight * loss_apa + \
+                        self.label_weight * loss_img
+                    if loss1.requires_grad:
+                        loss1.backward()
+                # 2. MSR crops: their own targets
+                loss_crop = zero
+                if comps['msr'] and use_labels:
+                    crops = crop_and_resize(x, boxes, self.crop_size)
+                    crops = self.augment(crops, generator)
+                    rec.enabled = False
+                    try:
+                        loss_crop = self._label_loss(backbone, crops,
+                                                     crop_targets)
+                    finally:
+                        rec.enabled = True
+                    (self.label_weight * loss_crop).backward()
+                # 3. TV prior
+                loss_tv = zero
+                if comps['tv']:
+                    loss_tv = tv_prior_loss(
+                        x, weight=self.tv_weight, tau_range=self.tau_range,
+                        ref_pixels=self.tau_ref_pixels, generator=generator)
+                    loss_tv.backward()
+                loss_sl = loss_img + loss_crop
+                loss = (self.apa_weight * loss_apa +
+                        self.label_weight * loss_sl + loss_tv).detach()
+                if x.grad is not None:
+                    opt.step()
+                with torch.no_grad():
+                    x.copy_(clamp_to_range(x, mean, std))
+                self._bar_update(bar)
+                if (it + 1) % self.log_interval == 0 or it == 0 or \
+                        it + 1 == self.iterations:
+                    self._log(batch_idx, it, opt, loss, loss_apa, loss_sl,
+                              loss_img, loss_crop, loss_tv, hub)
+        finally:
+            rec.remove()
+        return x.detach()
+
+    def _log(self, batch_idx, it, opt, loss, loss_apa, loss_sl, loss_img,
+             loss_crop, loss_tv, hub):
+        log = dict(batch=batch_idx, iter=it + 1,
+                   lr=opt.param_groups[0]['lr'], loss=loss.item(),
+                   loss_apa=float(loss_apa.item()),
+                   loss_sl=float(loss_sl.item()),
+                   loss_sl_img=float(loss_img.item()),
+                   loss_sl_crops=float(loss_crop.item()),
+                   loss_tv=float(loss_tv.item()))
+        self.history.append(log)
+        for k in ('loss', 'loss_apa', 'loss_sl', 'loss_tv'):
+            hub.update_scalar(f'synth/{k}', log[k])
+        print_log(
+            f'[SPDFQ] batch {batch_idx + 1}/{self.num_batches} iter '
+            f'{it + 1}/{self.iterations} lr {log["lr"]:.4f} loss '
+            f'{log["loss"]:.4f} apa {log["loss_apa"]:.4f} sl '
+            f'{log["loss_sl"]:.4f} (img {log["loss_sl_img"]:.4f} crops '
+            f'{log["loss_sl_crops"]:.4f}) tv {log["loss_tv"]:.4f}',
+            logger='current')
