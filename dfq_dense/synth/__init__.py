@@ -19,3 +19,24 @@ __all__ = [
     'denormalize', 'save_images', 'load_images', 'get_mean_std',
     'valid_range', 'clamp_to_range', 'frozen_backbone'
 ]
+
+from .spdfq import (SPDFQ, AttnProbRecorder,  # noqa: F401,E402
+                    attention_prior_alignment_loss, crop_and_resize,
+                    gaussian_mixture_prior, msr_crops, msr_regions)
+
+__all__ += [
+    'SPDFQ', 'AttnProbRecorder', 'attention_prior_alignment_loss',
+    'crop_and_resize', 'gaussian_mixture_prior', 'msr_crops', 'msr_regions'
+]
+
+from .mimiq import (MimiQ, headwise_structure_loss,  # noqa: F401,E402
+                    inter_head_similarity, inter_head_similarity_loss,
+                    ssim_maps)
+from .qk_hooks import AttnLogitsRecorder, qk_logits  # noqa: F401,E402
+from .real_images import RealImages, list_images  # noqa: F401,E402
+
+__all__ += [
+    'MimiQ', 'ssim_maps', 'inter_head_similarity',
+    'inter_head_similarity_loss', 'headwise_structure_loss',
+    'AttnLogitsRecorder', 'qk_logits', 'RealImages', 'list_images'
+]
