@@ -1,11 +1,15 @@
 """Fake quantization for data-free quantization of Swin detectors/segmentors.
 
-See ``fake_quant`` (conventions), ``observers`` (qparams), ``quantizer``
-(``Quantizer`` modes), ``modules`` (what is quantized / stays FP) and
-``convert`` (``quantize_model`` and calibration helpers).
+See ``fake_quant`` (conventions), ``observers`` and ``calibrators``
+(qparams), ``quantizer`` (``Quantizer`` modes), ``softmax_quant``
+(post-softmax quantizers), ``modules`` (what is quantized / stays FP),
+``spec`` (settings, roles, overrides), ``convert`` (``quantize_model`` and
+calibration helpers), ``reparam`` (LayerNorm reparameterisation) and ``io``
+(saved quantization parameters).
 """
 from .calibrators import (MovingAverageMinMaxObserver, MSEObserver,
-                          OMSEObserver, PercentileObserver)
+                          OMSEObserver, PercentileObserver,
+                          PercentileSearchObserver)
 from .convert import (enable_calibration, finish_calibration,
                       iter_quantizers, quant_state_dict, quantize_model,
                       set_quantizers_enabled)
@@ -16,6 +20,8 @@ from .observers import MinMaxObserver, qrange, range_to_qparams
 from .quantizer import Quantizer, check_bits
 from .softmax_quant import (SoftmaxQuantizer, log2_quantize,
                             log_sqrt2_quantize)
+from .reparam import reparameterize_layernorms
+from .spec import ROLES, QuantSetting, module_roles, validate_setting
 from .validate import validate_quantizer_cfg
 
 __all__ = [
@@ -26,5 +32,7 @@ __all__ = [
     'finish_calibration', 'set_quantizers_enabled', 'quant_state_dict',
     'MovingAverageMinMaxObserver', 'PercentileObserver', 'MSEObserver',
     'OMSEObserver', 'range_to_qparams', 'SoftmaxQuantizer', 'log2_quantize',
-    'log_sqrt2_quantize', 'validate_quantizer_cfg'
+    'log_sqrt2_quantize', 'validate_quantizer_cfg',
+    'PercentileSearchObserver', 'reparameterize_layernorms', 'ROLES',
+    'QuantSetting', 'module_roles', 'validate_setting'
 ]

@@ -22,6 +22,9 @@ from mmengine.logging import print_log
 from .modules import (QuantConv2d, QuantConvTranspose2d, QuantLinear,
                       QuantWeightModule, QuantWindowMSA)
 from .quantizer import Quantizer, check_bits
+from .reparam import reparameterize_layernorms
+from .spec import QuantSetting
+from .validate import validate_quantizer_cfg
 
 __all__ = [
     'quantize_model', 'iter_quantizers', 'enable_calibration',
@@ -75,7 +78,7 @@ def _matches(name, patterns):
 
 
 def quantize_model(model, w_bits, a_bits, scope='model', skip=(),
-                   logger=None):
+                   logger=None, dry_run=False, **setting):
     """Replace supported modules of ``model`` by quantized ones, in place.
 
     Args:
@@ -89,6 +92,13 @@ def quantize_model(model, w_bits, a_bits, scope='model', skip=(),
             ``'*.fc_cls'``); matching modules stay FP (their children are
             still considered individually).
         logger: ``print_log`` logger; defaults to ``'current'``.
+        dry_run (bool): resolve and validate every module's quantizer
+            arguments without changing the model (config errors surface
+            before any work).
+        **setting: quantizer setting (``weight``, ``act``, ``matmul``,
+            ``softmax``, ``reparam``, ``first_last_bits``, ``overrides``),
+            see :mod:`dfq_dense.quant.spec`.  ``reparam`` is applied later,
+            by :func:`finish_calibration`.
 
     Returns:
         dict: number of converted modules per original type name, e.g.
@@ -102,6 +112,7 @@ def quantize_model(model, w_bits, a_bits, scope='model', skip=(),
         skip = (skip, )
     skip = tuple(skip)
     logger = logger or 'current'
+    spec = QuantSetting(w_bits, a_bits, **setting)
 
     if scope == 'backbone':
         root = getattr(model, 'backbone', None)
@@ -116,6 +127,33 @@ def quantize_model(model, w_bits, a_bits, scope='model', skip=(),
     forwards = _supported_forwards()
     counts = OrderedDict()
     left_fp = []
+    matched_globs = set()
+
+    def resolve(qname, kind):
+        for pattern, _ in spec.glob_overrides:
+            if fnmatch.fnmatchcase(qname, pattern):
+                matched_globs.add(pattern)
+        args = spec.resolve(qname, kind)
+        if args is not None:
+            _validate_resolved(qname, kind, args)
+        return args
+
+    def build_msa(child, qname):
+        m1 = resolve(qname + '.matmul1', 'matmul')
+        m2 = resolve(qname + '.matmul2', 'matmul')
+        if dry_run:
+            return child
+        new = QuantWindowMSA(
+            child, a_bits=a_bits, matmul1=m1,
+            matmul2=None if m2 is None else
+            {k: v for k, v in m2.items() if k != 'softmax'},
+            softmax_quant=None if m2 is None else m2['softmax'])
+        # A skipped matmul stays FP: identity quantizers.
+        for mm, args in (('matmul1', m1), ('matmul2', m2)):
+            if args is None:
+                getattr(new, mm).quantizer_a = nn.Identity()
+                getattr(new, mm).quantizer_b = nn.Identity()
+        return new
 
     def convert(parent, prefix):
         for name, child in list(parent.named_children()):
@@ -127,30 +165,45 @@ def quantize_model(model, w_bits, a_bits, scope='model', skip=(),
                 continue
             skipped = _matches(qname, skip)
             new = None
+            is_msa = False
             if not skipped and msa_types and isinstance(child, msa_types):
-                new = QuantWindowMSA(child, a_bits=a_bits)
+                new = build_msa(child, qname)
+                is_msa = True
             elif not skipped and not isinstance(child, QuantWindowMSA):
                 for base, wrapper in _WRAPPERS.items():
                     if isinstance(child, base):
-                        if type(child).forward in forwards[base]:
-                            new = wrapper(child, w_bits=w_bits,
-                                          a_bits=a_bits)
-                        else:
+                        if type(child).forward not in forwards[base]:
                             left_fp.append(
                                 f'{qname} ({type(child).__name__}: '
                                 'unsupported forward)')
+                            break
+                        args = resolve(qname, 'layer')
+                        if args is None:
+                            left_fp.append(f'{qname} (override skip)')
+                        elif not dry_run:
+                            new = wrapper(child, **args)
+                        else:
+                            new = child
                         break
             if new is not None:
-                setattr(parent, name, new)
+                if not dry_run:
+                    setattr(parent, name, new)
                 tname = type(child).__name__
                 counts[tname] = counts.get(tname, 0) + 1
-                if isinstance(new, QuantWindowMSA):
+                if is_msa:
                     convert(new, qname + '.')
             else:
                 convert(child, qname + '.')
 
     convert(root, root_prefix)
+    unmatched = [p for p, _ in spec.glob_overrides if p not in matched_globs]
+    if unmatched:
+        raise ValueError(
+            f'dfq.quantizer.overrides: glob(s) {unmatched} match no '
+            'quantizable module of the model')
     counts = dict(counts)
+    if dry_run:
+        return counts
     print_log(
         f'quantize_model(W{w_bits}A{a_bits}, scope={scope}, '
         f'skip={list(skip)}): converted {counts}', logger=logger)
@@ -158,6 +211,21 @@ def quantize_model(model, w_bits, a_bits, scope='model', skip=(),
         print_log('quantize_model: left in FP: ' + ', '.join(left_fp),
                   logger=logger)
     return counts
+
+
+def _validate_resolved(qname, kind, args):
+    """Config errors that depend on the module a glob override reached."""
+    try:
+        if kind == 'matmul':
+            for key in ('quantizer_a', 'quantizer_b'):
+                validate_quantizer_cfg(args[key], 'matmul')
+            if args.get('softmax') is not None:
+                validate_quantizer_cfg(dict(args['softmax']), 'softmax')
+        else:
+            validate_quantizer_cfg(args['weight_quantizer'], 'weight')
+            validate_quantizer_cfg(args['input_quantizer'], 'activation')
+    except ValueError as err:
+        raise ValueError(f'quantizer of {qname}: {err}') from None
 
 
 def iter_quantizers(model):
@@ -173,19 +241,35 @@ def enable_calibration(model):
         q.enable_calibration()
 
 
-def finish_calibration(model):
+def finish_calibration(model, reparam=False):
     """Finish calibration of every quantizer.
 
-    Weight quantizers are (re)fed with their module's weight first, so their
-    qparams come from the weights even for layers that calibration data never
-    reached. Must be called on all ranks in distributed runs (observers
-    all-reduce their ranges).
+    Activation quantizers first; then, with ``reparam``, the per-channel
+    post-LayerNorm quantizers are folded into their LayerNorm (see
+    :mod:`dfq_dense.quant.reparam`); last the weight quantizers, re-fed with
+    their module's (possibly folded) weight, so their qparams come from the
+    final weights even for layers that calibration data never reached.
+    Must be called on all ranks in distributed runs (observers all-reduce
+    their ranges).
+
+    Returns:
+        list[str]: names of the reparameterised Linear layers.
     """
+    weight_qs = set()
+    for m in model.modules():
+        if isinstance(m, QuantWeightModule):
+            weight_qs.add(m.weight_quantizer)
+    for name, q in iter_quantizers(model):
+        if q not in weight_qs:
+            q.finish_calibration(name)
+    folded = reparameterize_layernorms(model) if reparam else []
     for m in model.modules():
         if isinstance(m, QuantWeightModule):
             m.observe_weight()
     for name, q in iter_quantizers(model):
-        q.finish_calibration(name)
+        if q in weight_qs:
+            q.finish_calibration(name)
+    return folded
 
 
 def set_quantizers_enabled(model, enabled):

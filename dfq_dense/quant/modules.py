@@ -74,6 +74,8 @@ class QuantWeightModule(nn.Module):
     """
 
     _weight_ch_axis = 0
+    # Channel axis of the input for per-channel activation quantization.
+    _input_ch_axis = 1
 
     def __init__(self, module, w_bits=8, a_bits=8, input_quantizer=None,
                  weight_quantizer=None):
@@ -81,8 +83,11 @@ class QuantWeightModule(nn.Module):
         check_bits(w_bits, 'w_bits')
         check_bits(a_bits, 'a_bits')
         self.module = module
+        input_quantizer = dict(input_quantizer or {})
+        if input_quantizer.get('granularity') == 'channel':
+            input_quantizer.setdefault('ch_axis', self._input_ch_axis)
         self.input_quantizer = Quantizer(
-            **act_quantizer_cfg(a_bits, **(input_quantizer or {})))
+            **act_quantizer_cfg(a_bits, **input_quantizer))
         self.weight_quantizer = Quantizer(**weight_quantizer_cfg(
             w_bits, self._weight_ch_axis, **(weight_quantizer or {})))
 
@@ -132,6 +137,7 @@ class QuantLinear(QuantWeightModule):
     """Fake-quantized ``nn.Linear`` (incl. ``mmcv.cnn.Linear``)."""
 
     _weight_ch_axis = 0
+    _input_ch_axis = -1
 
     def forward(self, x):
         if x.numel() == 0:
@@ -217,8 +223,9 @@ class QuantWindowMSA(nn.Module):
     Args:
         module (WindowMSA): the FP module.
         a_bits (int): bits of the matmul operands.
-        matmul1 (dict | None): ``QuantMatMul`` overrides
-            (``quantizer_a`` / ``quantizer_b``).
+        matmul1 (dict | None): ``QuantMatMul`` arguments (``bits``,
+            ``quantizer_a`` / ``quantizer_b``); ``bits`` defaults to
+            ``a_bits``.
         matmul2 (dict | None): same for ``matmul2``.
         softmax_quant (dict | None): quantizer of the first operand of
             ``matmul2``, the post-softmax attention.  None (default, the
@@ -251,8 +258,12 @@ class QuantWindowMSA(nn.Module):
         self.proj = module.proj
         self.proj_drop = module.proj_drop
         self.softmax = module.softmax
-        self.matmul1 = QuantMatMul(a_bits, **(matmul1 or {}))
-        self.matmul2 = QuantMatMul(a_bits, **(matmul2 or {}))
+        self.matmul1 = QuantMatMul(**dict(dict(bits=a_bits),
+                                          **(matmul1 or {})))
+        self.matmul2 = QuantMatMul(**dict(dict(bits=a_bits),
+                                          **(matmul2 or {})))
+        # Set by the LayerNorm reparameterisation (see reparam.py).
+        self.register_buffer('pad_value', None)
         if softmax_quant is None:
             self.matmul2.quantizer_a = nn.Identity()
         else:
@@ -265,6 +276,20 @@ class QuantWindowMSA(nn.Module):
     def init_weights(self):
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
+    def set_pad_value(self, value):
+        """What a zero-padding token must be after the LayerNorm in front of
+        ``qkv`` was reparameterised (``y -> y / r1 + s * r2``): the image of
+        0, so padded windows give the same ``qkv`` output as before."""
+        self.pad_value = value
+
+    def _restore_padding(self, x):
+        # ShiftWindowMSA pads the LayerNorm output with zero tokens; a real
+        # token is never exactly the zero vector.
+        pad = (x == 0).all(dim=-1, keepdim=True)
+        if not bool(pad.any()):
+            return x
+        return torch.where(pad, self.pad_value.to(x), x)
+
     def forward(self, x, mask=None):
         """Same as ``WindowMSA.forward`` with the two matmuls quantized.
 
@@ -273,6 +298,8 @@ class QuantWindowMSA(nn.Module):
             mask (Tensor | None): (num_windows, N, N), values in (-inf, 0].
         """
         B, N, C = x.shape
+        if self.pad_value is not None:
+            x = self._restore_padding(x)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads,
                                   C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]

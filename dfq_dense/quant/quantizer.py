@@ -94,8 +94,10 @@ class Quantizer(nn.Module):
         If nothing was observed (the tensor never reached this quantizer),
         the quantizer is left disabled (FP) and a warning is logged.
         """
-        if self.granularity == 'token':  # dynamic: nothing to calibrate
-            self.state = 'quantizing'
+        if self.observer is None:
+            # Per-token (dynamic) quantizers, and ones whose qparams were
+            # fixed by a LayerNorm reparameterisation: nothing to compute.
+            self.state = 'quantizing' if self.calibrated else 'disabled'
             return
         self.observer.sync()
         if not self.observer.observed:
