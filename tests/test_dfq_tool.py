@@ -29,7 +29,7 @@ def test_all_real_configs_exist():
     names = {osp.basename(p) for p in REAL_CONFIGS}
     for model in ('mask_rcnn_swin_s', 'mask_rcnn_swin_t', 'upernet_swin_s',
                   'upernet_swin_t'):
-        for bits in ('w8a8', 'w4a8'):
+        for bits in ('w8a8', 'w6a6', 'w4a8', 'w4a4'):
             assert f'{model}_{bits}.py' in names
 
 
@@ -73,13 +73,19 @@ def test_demo_dfq_configs_parse(path):
     ('dfq.quantizer.w_bits=17', 'bits must be an integer in 2-16'),
     ('dfq.quantizer.a_bits=1', 'bits must be an integer in 2-16'),
     ('dfq.quantizer.scope=neck', "use one of ('model', 'backbone')"),
+    ('dfq.quantizer.matmul.granularity=channel', 'no channel axis'),
+    ('dfq.quantizer.act.mode=log2', 'only valid for the post-softmax'),
+    ('dfq.quantizer.act.observer.type=PercentileObserver '
+     'dfq.quantizer.act.observer.percentile=0', 'percentile must be in'),
+    ('dfq.quantizer.overrides.qkvv.a_bits=8', 'neither a role'),
+    ('dfq.quantizer.first_last_bits=20', 'bits must be an integer'),
 ])
 def test_bad_dfq_config_fails_before_work(tmp_path, capsys, override,
                                           message):
     work = tmp_path / 'work'
     code = dfq_test.main([
         osp.join(REPO, 'configs/demo/upernet_swin_demo_w8a8.py'),
-        '--work-dir', str(work), '--cfg-options', override])
+        '--work-dir', str(work), '--cfg-options'] + override.split())
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err and len(err.splitlines()) == 1
@@ -116,3 +122,67 @@ def test_unknown_dfq_key_is_rejected():
     with pytest.raises(DFQConfigError, match='unknown dfq.quantizer key'):
         parse_dfq_config(dict(synthesizer=dict(type='PSAQViT'),
                               quantizer=dict(w_bits=8, a_bits=8, wbits=4)))
+
+
+def _json(path):
+    import json
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_save_and_load_quantized_identical_metrics(tmp_path, demo_data_root):
+    """A RepQ-style W4A4 run writes quant_params.pth; --load-quantized
+    rebuilds the model without synthesis or calibration: same metrics."""
+    cfg = osp.join(REPO, 'configs/upernet_swin_t_w4a4.py')
+    demo = osp.join(REPO, 'configs/demo/upernet_swin_demo_w8a8.py')
+    quant = Config.fromfile(cfg).dfq.quantizer.to_dict()
+    opts = ['test_dataloader.dataset.indices=12',
+            'dfq.synthesizer.num_images=2', 'dfq.synthesizer.batch_size=2',
+            'dfq.synthesizer.iterations=2']
+    first = tmp_path / 'first'
+    args = dfq_test.parse_args([demo, '--work-dir', str(first),
+                                '--cfg-options'] + opts)
+    args.cfg_options['dfq.quantizer'] = dict(quant, _delete_=True)
+    res1 = dfq_test.run(args)
+    assert res1['reparameterized'] > 0
+    params = first / 'quant_params.pth'
+    assert res1['quant_params'] == str(params) and params.is_file()
+
+    second = tmp_path / 'second'
+    args = dfq_test.parse_args([demo, '--work-dir', str(second),
+                                '--load-quantized', str(params),
+                                '--cfg-options'] + opts)
+    args.cfg_options['dfq.quantizer'] = dict(quant, _delete_=True)
+    res2 = dfq_test.run(args)
+    assert res2['quant_params_from'] == str(params)
+    assert res2['seconds']['synthesis'] == 0.0
+    assert not (second / 'synthetic').exists()
+    assert res2['metrics'] == res1['metrics']
+    assert _json(second / 'dfq_results.json')['metrics'] == res1['metrics']
+
+    # the same file with another bit setting: one line, exit 2
+    work = tmp_path / 'third'
+    code = dfq_test.main([demo, '--work-dir', str(work), '--load-quantized',
+                          str(params)])
+    assert code == 2
+    missing = dfq_test.main([demo, '--work-dir', str(work),
+                             '--load-quantized', str(tmp_path / 'no.pth')])
+    assert missing == 2
+
+
+def test_override_glob_checked_against_the_model(tmp_path, capsys,
+                                                 demo_data_root):
+    # A user config with a mistyped module-name glob (stage, not stages).
+    cfg = tmp_path / 'typo.py'
+    cfg.write_text(
+        f"_base_ = '{REPO}/configs/demo/upernet_swin_demo_w8a8.py'\n"
+        "dfq = dict(quantizer=dict(overrides={'backbone.stage.*': "
+        "dict(w_bits=8)}))\n")
+    work = tmp_path / 'work'
+    code = dfq_test.main([str(cfg), '--work-dir', str(work)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith('dfq_test: error:')
+    assert "['backbone.stage.*'] match no quantizable module" in err[-1]
+    assert not (work / 'dfq_results.json').exists()
+    assert not (work / 'synthetic').exists()

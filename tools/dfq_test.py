@@ -4,10 +4,14 @@ Shaped like mmdet's / mmseg's ``tools/test.py``:
 
     python tools/dfq_test.py CONFIG [CHECKPOINT] [--work-dir DIR]
         [--cfg-options k=v ...] [--launcher none|pytorch|slurm] [--eval-fp]
+        [--load-quantized QUANT_PARAMS]
 
 The config inherits an mmdet:: or mmseg:: model config and adds a ``dfq``
 key (method + bit setting, see configs/_base_/).  Writes
-``<work_dir>/dfq_results.json`` (atomically) and prints a short table.
+``<work_dir>/dfq_results.json`` and ``<work_dir>/quant_params.pth`` (the
+scales, zero points and changed tensors of the quantized model; both
+atomically) and prints a short table.  ``--load-quantized`` rebuilds the
+quantized model from such a file: no synthesis, no calibration.
 Multi-GPU: ``torchrun --nproc_per_node=N tools/dfq_test.py ... --launcher
 pytorch`` (mmengine's launcher; slurm likewise).
 """
@@ -34,6 +38,10 @@ def parse_args(argv=None):
                         'images and dfq_results.json')
     parser.add_argument('--eval-fp', action='store_true',
                         help='also evaluate the full-precision model')
+    parser.add_argument(
+        '--load-quantized', metavar='QUANT_PARAMS',
+        help='reuse the quant_params.pth of an earlier run (same config and '
+        'checkpoint) instead of synthesising and calibrating')
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override config settings, e.g. dfq.quantizer.w_bits=4')
@@ -101,6 +109,8 @@ def run(args):
 
     cfg = load_config(args.config, args.cfg_options)
     task = task_of(cfg)
+    if args.load_quantized and cfg.get('dfq') is not None:
+        cfg.dfq.load_quantized = args.load_quantized
     dfq = parse_dfq_config(cfg.get('dfq'))
     if args.eval_fp:
         cfg.dfq.eval_fp = True
@@ -111,6 +121,11 @@ def run(args):
         raise DFQInputError(
             f'dfq.load_images not found: {dfq.load_images} (point it at the '
             'synthetic/synthetic_images.pth of an earlier run)')
+    if dfq.load_quantized and not osp.isfile(dfq.load_quantized):
+        from dfq_dense.engine.runner import DFQInputError
+        raise DFQInputError(
+            f'--load-quantized file not found: {dfq.load_quantized} (point '
+            'it at the quant_params.pth of an earlier run)')
 
     cfg.launcher = args.launcher
     cfg.load_from = checkpoint
@@ -154,8 +169,10 @@ def run(args):
             fp_evaluation=round(report.get('fp_eval_seconds', 0.0), 2),
             total=round(time.time() - start, 2)),
         versions=_versions())
-    if 'images_from' in report:
-        results['images_from'] = report['images_from']
+    for key in ('images_from', 'quant_params', 'quant_params_from',
+                'reparameterized'):
+        if key in report:
+            results[key] = report[key]
     write_json_atomic(osp.join(cfg.work_dir, 'dfq_results.json'), results)
     print(_metric_table(results))
     return results

@@ -1,6 +1,6 @@
 _base_ = [
     './mask_rcnn_swin_demo.py', '../_base_/dfq_runtime.py',
-    '../_base_/methods/psaq_vit.py', '../_base_/bits/w8a8.py'
+    '../_base_/methods/psaq_vit.py', '../_base_/quantizers/naive.py', '../_base_/bits/w8a8.py'
 ]
 load_from = 'dfq_dense/demo/checkpoints/mask_rcnn_swin_demo.pth'
 test_cfg = dict(type='dfq_dense.DFQTestLoop')
@@ -13,5 +13,5 @@ dfq = dict(
         batch_size=8,
         iterations=100,
         max_samples=10000),
-    quantizer=_base_.dfq_quantizer,
+    quantizer=dict(**_base_.dfq_quantizer, **_base_.dfq_bits),
     calib_batch_size=_base_.dfq_calib_batch_size)

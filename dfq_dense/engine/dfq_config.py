@@ -2,15 +2,21 @@
 
     dfq = dict(
         synthesizer=dict(type='PSAQViT', num_images=32, ...),  # data source
-        quantizer=dict(w_bits=8, a_bits=8, scope='model', skip=[]),
+        quantizer=dict(w_bits=8, a_bits=8, scope='model', skip=[],
+                       # setting (dfq_dense.quant.spec): weight, act,
+                       # matmul, softmax, reparam, first_last_bits,
+                       # overrides
+                       ),
         calib_batch_size=4,          # images per calibration forward
         load_images=None,            # reuse a synthetic_images.pth
+        load_quantized=None,         # reuse a quant_params.pth
         eval_fp=False)               # also evaluate the FP model first
 """
 import json
 
 from mmengine.config import ConfigDict
 
+from ..quant.spec import SETTING_KEYS, validate_setting
 from ..registry import MODELS
 
 
@@ -18,9 +24,9 @@ class DFQConfigError(ValueError):
     """An invalid ``dfq`` config value: reported as one line."""
 
 
-QUANTIZER_KEYS = {'w_bits', 'a_bits', 'scope', 'skip'}
+QUANTIZER_KEYS = {'w_bits', 'a_bits', 'scope', 'skip'} | set(SETTING_KEYS)
 TOP_KEYS = {'synthesizer', 'quantizer', 'calib_batch_size', 'load_images',
-            'eval_fp'}
+            'load_quantized', 'eval_fp'}
 SCOPES = ('model', 'backbone')
 
 
@@ -74,6 +80,11 @@ def parse_dfq_config(cfg):
         raise DFQConfigError(
             f'dfq.quantizer.scope={quant.scope!r}; use one of {SCOPES}')
     quant.setdefault('skip', [])
+    try:
+        validate_setting({k: v for k, v in quant.items()
+                          if k in SETTING_KEYS})
+    except ValueError as err:
+        raise DFQConfigError(str(err)) from None
     cfg.quantizer = quant
 
     batch = cfg.setdefault('calib_batch_size', 4)
@@ -81,6 +92,7 @@ def parse_dfq_config(cfg):
         raise DFQConfigError(
             f'dfq.calib_batch_size={batch!r}; use a positive integer')
     cfg.setdefault('load_images', None)
+    cfg.setdefault('load_quantized', None)
     cfg.setdefault('eval_fp', False)
     return cfg
 

@@ -18,11 +18,16 @@ from mmengine.runner import TestLoop
 from mmengine.utils import ProgressBar
 
 from ..quant import enable_calibration, finish_calibration, quantize_model
+from ..quant.io import (QuantParamsError, load_quant_params,
+                        read_quant_params, save_quant_params,
+                        snapshot_state)
+from ..quant.spec import SETTING_KEYS
 from ..registry import LOOPS, MODELS, build
 from ..synth.base import load_images, save_images
 from .dfq_config import DFQConfigError, parse_dfq_config, plain
 
 SYNTH_DIR = 'synthetic'
+QUANT_PARAMS = 'quant_params.pth'
 
 
 def infer_test_image_size(cfg):
@@ -109,11 +114,18 @@ class DFQTestLoop(TestLoop):
         self.task = 'det' if runner.cfg.get('default_scope') == 'mmdet' \
             else 'seg'
         self.report = {}
-        # Built here, before the checkpoint is loaded and anything runs, so a
-        # method the model cannot serve fails at once.
+        # Everything is checked here, before the checkpoint is loaded and
+        # anything runs: quantizer settings against the real module names,
+        # saved parameters against the config, the method against the model.
+        try:
+            self._quantize(self._model, dry_run=True)
+        except ValueError as err:
+            raise DFQConfigError(str(err)) from None
+        if self.dfq.load_quantized:
+            self._check_quant_params_cfg(self.dfq.load_quantized)
         self.synth_cfg = self._synthesizer_cfg()
         self.synthesizer = None
-        if not self.dfq.load_images:
+        if not self.dfq.load_images and not self.dfq.load_quantized:
             self.synthesizer = build(MODELS, self.synth_cfg)
             try:
                 self.synthesizer.check_model(self._model)
@@ -134,22 +146,74 @@ class DFQTestLoop(TestLoop):
             self.report['fp_metrics'] = super().run()
             self.report['fp_eval_seconds'] = time.time() - start
 
-        start = time.time()
-        images = self._get_images(model)
-        self.report['synthesis_seconds'] = time.time() - start
+        if self.dfq.load_quantized:
+            self._load_quantized(model)
+        else:
+            start = time.time()
+            images = self._get_images(model)
+            self.report['synthesis_seconds'] = time.time() - start
 
-        start = time.time()
-        q = self.dfq.quantizer
-        self.report['quantized_modules'] = quantize_model(
-            model, w_bits=q.w_bits, a_bits=q.a_bits, scope=q.scope,
-            skip=q.skip)
-        self._calibrate(model, images)
-        self.report['calibration_seconds'] = time.time() - start
+            start = time.time()
+            self.report['quantized_modules'] = self._quantize(model)
+            snapshot = snapshot_state(model)
+            folded = self._calibrate(model, images)
+            self.report['calibration_seconds'] = time.time() - start
+            self.report['reparameterized'] = len(folded)
+            if get_rank() == 0:
+                path = osp.join(self.runner.work_dir, QUANT_PARAMS)
+                save_quant_params(path, model, snapshot,
+                                  plain(self.dfq.quantizer), reparam=folded,
+                                  extra_meta=dict(
+                                      synthesizer=self.report['synthesizer'],
+                                      num_images=self.report['num_images'],
+                                      image_size=self.report['image_size']))
+                self.report['quant_params'] = path
 
         start = time.time()
         metrics = super().run()
         self.report['eval_seconds'] = time.time() - start
         return metrics
+
+    def _quantize(self, model, dry_run=False):
+        q = self.dfq.quantizer
+        return quantize_model(
+            model, w_bits=q.w_bits, a_bits=q.a_bits, scope=q.scope,
+            skip=q.skip, dry_run=dry_run,
+            **{k: q[k] for k in SETTING_KEYS if k in q})
+
+    def _check_quant_params_cfg(self, path):
+        try:
+            meta, _ = read_quant_params(path)
+        except (QuantParamsError, FileNotFoundError) as err:
+            raise DFQConfigError(f'dfq.load_quantized: {err}') from None
+        if meta['quantizer'] != plain(self.dfq.quantizer):
+            q = meta['quantizer']
+            raise DFQConfigError(
+                f'dfq.load_quantized: {path} was made with W{q["w_bits"]}'
+                f'A{q["a_bits"]} and another quantizer setting than this '
+                f'config (W{self.dfq.quantizer.w_bits}'
+                f'A{self.dfq.quantizer.a_bits}): use the config it was made '
+                'with')
+
+    def _load_quantized(self, model):
+        """Rebuild the quantized model from saved parameters: no synthesis,
+        no calibration."""
+        start = time.time()
+        path = self.dfq.load_quantized
+        self.report['quantized_modules'] = self._quantize(model)
+        try:
+            meta = load_quant_params(path, model, plain(self.dfq.quantizer))
+        except QuantParamsError as err:
+            raise DFQConfigError(f'dfq.load_quantized: {err}') from None
+        print_log(f'DFQ: loaded quantization parameters from {path}',
+                  logger='current')
+        synth = meta.get('synthesizer') or {}
+        self.report.update(
+            quant_params_from=path, method=synth.get('type', 'loaded'),
+            synthesizer=synth, num_images=meta.get('num_images', 0),
+            image_size=meta.get('image_size', [0, 0]), synthesis_seconds=0.0,
+            calibration_seconds=time.time() - start,
+            reparameterized=len(meta['reparam']))
 
     def _synthesizer_cfg(self):
         cfg = dict(self.dfq.synthesizer)
@@ -202,5 +266,10 @@ class DFQTestLoop(TestLoop):
                     for _ in range(len(images[i:i + bs])):
                         progress.update()
         # Observers are all-reduced inside, so every rank ends identical.
-        finish_calibration(model)
-        print_log(f'DFQ: calibrated on {len(images)} images', logger='current')
+        folded = finish_calibration(model,
+                                    reparam=self.dfq.quantizer.get(
+                                        'reparam', False))
+        print_log(f'DFQ: calibrated on {len(images)} images'
+                  + (f', {len(folded)} LayerNorms reparameterised'
+                     if folded else ''), logger='current')
+        return folded
