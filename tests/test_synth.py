@@ -358,3 +358,23 @@ def test_psaq_vit_mmseg_swin_with_cp():
     assert len(s.history) == 2 and s.history[0]['loss_entropy'] != 0
     assert all(blk.with_cp for st in model.backbone.stages
                for blk in st.blocks)
+
+
+def test_loss_terms_reach_the_visualizer(tiny_model, tmp_path):
+    import glob
+    import json
+
+    from mmengine.visualization import Visualizer
+    vis = Visualizer(name='dfq_test_vis', save_dir=str(tmp_path),
+                     vis_backends=[dict(type='LocalVisBackend')])
+    synth = PSAQViT(num_images=1, batch_size=1, img_size=(28, 28),
+                    iterations=2, log_interval=1, progress=False)
+    synth.visualizer = vis
+    synth.generate(tiny_model)
+    files = glob.glob(str(tmp_path / '**' / 'scalars.json'), recursive=True)
+    assert len(files) == 1
+    with open(files[0]) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r['step'] for r in rows] == [1, 2]
+    assert rows[0]['synth/loss'] == pytest.approx(synth.history[0]['loss'])
+    assert {'synth/loss_entropy', 'synth/loss_tv'} <= set(rows[0])

@@ -14,6 +14,7 @@ import os.path as osp
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+from mmengine.logging import MessageHub, print_log
 from torch import nn
 
 SYNTH_FILE = 'synthetic_images.pth'
@@ -196,6 +197,7 @@ class BaseSynthesizer:
         self.device = device
         self.mean = self.std = None
         self.history = []  # logged dicts of loss terms
+        self.visualizer = None  # set by the DFQ loop: the runner's
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ValueError if ``model`` lacks what this method needs."""
@@ -280,6 +282,33 @@ class BaseSynthesizer:
         meta.setdefault('seed', self.seed)
         meta.setdefault('iterations', self.iterations)
         return save_images(images, self.mean, self.std, out_dir, meta)
+
+    # --------------------------------------------------------------- logging
+    def log_terms(self, log: dict, prefix: str = 'synth') -> None:
+        """Record one iteration's loss terms everywhere they are read.
+
+        ``log`` holds ``batch`` and ``iter`` (0-based batch index, 1-based
+        iteration) and float terms.  The terms go to ``self.history``, to
+        mmengine's MessageHub (``<prefix>/<term>``), to the current logger
+        and, when ``self.visualizer`` is set (the DFQ loop sets the runner's),
+        to the visualizer's backends (TensorBoard, WandB ... as configured by
+        the config's ``visualizer``).
+        """
+        self.history.append(dict(log))
+        terms = {k: float(v) for k, v in log.items()
+                 if k not in ('batch', 'iter')}
+        hub = MessageHub.get_current_instance()
+        for key, value in terms.items():
+            hub.update_scalar(f'{prefix}/{key}', value)
+        self._log_step = getattr(self, '_log_step', 0) + 1
+        if self.visualizer is not None:
+            self.visualizer.add_scalars(
+                {f'{prefix}/{k}': v for k, v in terms.items()},
+                step=self._log_step)
+        print_log(
+            f'[{type(self).__name__}] {prefix} batch {log["batch"] + 1}'
+            f'/{self.num_batches} iter {log["iter"]} ' + ' '.join(
+                f'{k} {v:.4f}' for k, v in terms.items()), logger='current')
 
     # -------------------------------------------------------------- progress
     def _bar_steps(self) -> int:

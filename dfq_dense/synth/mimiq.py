@@ -20,7 +20,6 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from mmengine.logging import MessageHub, print_log
 
 from ..registry import MODELS
 from .base import BaseSynthesizer, clamp_to_range, get_backbone
@@ -488,7 +487,6 @@ class MimiQ(BaseSynthesizer):
                 int(torch.randint(2**62, (), generator=generator)))
         opt = torch.optim.AdamW([x], lr=self.lr, betas=self.betas,
                                 weight_decay=self.weight_decay)
-        hub = MessageHub.get_current_instance()
         rec = AttnLogitsRecorder(backbone) if comp['head_similarity'] \
             else None
         zero = torch.zeros((), device=device)
@@ -525,22 +523,13 @@ class MimiQ(BaseSynthesizer):
                 if (it + 1) % self.log_interval == 0 or it == 0 or \
                         it + 1 == self.iterations:
                     self._log(batch_idx, it, opt.param_groups[0]['lr'], loss,
-                              loss_hs, loss_ce, loss_tv, hub)
+                              loss_hs, loss_ce, loss_tv)
         finally:
             if rec is not None:
                 rec.remove()
         return x.detach()
 
-    def _log(self, batch_idx, it, lr, loss, loss_hs, loss_ce, loss_tv, hub):
-        log = dict(batch=batch_idx, iter=it + 1, lr=lr, loss=loss.item(),
-                   loss_head_sim=loss_hs.item(), loss_ce=loss_ce.item(),
-                   loss_tv=loss_tv.item())
-        self.history.append(log)
-        for k in ('loss', 'loss_head_sim', 'loss_ce', 'loss_tv'):
-            hub.update_scalar(f'synth/{k}', log[k])
-        print_log(
-            f'[MimiQ] batch {batch_idx + 1}/{self.num_batches}'
-            f' iter {it + 1}/{self.iterations} lr {lr:.4f}'
-            f' loss {log["loss"]:.4f} head_sim {log["loss_head_sim"]:.4f}'
-            f' ce {log["loss_ce"]:.4f} tv {log["loss_tv"]:.4f}',
-            logger='current')
+    def _log(self, batch_idx, it, lr, loss, loss_hs, loss_ce, loss_tv):
+        self.log_terms(dict(batch=batch_idx, iter=it + 1, lr=lr,
+                            loss=loss.item(), loss_head_sim=loss_hs.item(),
+                            loss_ce=loss_ce.item(), loss_tv=loss_tv.item()))

@@ -10,7 +10,6 @@ import math
 from typing import Optional, Tuple
 
 import torch
-from mmengine.logging import MessageHub, print_log
 
 from ..registry import MODELS
 from .base import BaseSynthesizer, clamp_to_range, get_backbone
@@ -124,7 +123,6 @@ class PSAQViT(BaseSynthesizer):
         x = torch.randn((n, 3, H, W), generator=generator).to(device)
         x = clamp_to_range(x, mean, std).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=self.lr, betas=self.betas)
-        hub = MessageHub.get_current_instance()
         with AttnOutputRecorder(backbone) as rec:
             for it in range(self.iterations):
                 for group in opt.param_groups:
@@ -149,19 +147,10 @@ class PSAQViT(BaseSynthesizer):
                 self._bar_update(bar)
                 if (it + 1) % self.log_interval == 0 or it == 0 or \
                         it + 1 == self.iterations:
-                    log = dict(batch=batch_idx, iter=it + 1,
-                               lr=opt.param_groups[0]['lr'],
-                               loss=loss.item(),
-                               loss_entropy=loss_ent.item(),
-                               loss_tv=loss_tv.item(),
-                               mean_entropy=ents.mean().item())
-                    self.history.append(log)
-                    for k in ('loss', 'loss_entropy', 'loss_tv'):
-                        hub.update_scalar(f'synth/{k}', log[k])
-                    print_log(
-                        f'[PSAQViT] batch {batch_idx + 1}/{self.num_batches}'
-                        f' iter {it + 1}/{self.iterations} lr {log["lr"]:.4f}'
-                        f' loss {log["loss"]:.4f} entropy '
-                        f'{log["loss_entropy"]:.4f} tv {log["loss_tv"]:.4f}',
-                        logger='current')
+                    self.log_terms(dict(
+                        batch=batch_idx, iter=it + 1,
+                        lr=opt.param_groups[0]['lr'], loss=loss.item(),
+                        loss_entropy=loss_ent.item(),
+                        loss_tv=loss_tv.item(),
+                        mean_entropy=ents.mean().item()))
         return x.detach()

@@ -21,7 +21,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from mmengine.logging import MessageHub, print_log
 from torch import nn
 
 from ..registry import MODELS
@@ -649,7 +648,6 @@ class SPDFQ(BaseSynthesizer):
             crop_targets = self._targets(boxes.shape[0],
                                          generator).to(device)
         opt = torch.optim.Adam([x], lr=self.lr, betas=self.betas)
-        hub = MessageHub.get_current_instance()
         zero = torch.zeros((), device=device)
         try:
             for it in range(self.iterations):
@@ -704,27 +702,17 @@ class SPDFQ(BaseSynthesizer):
                 if (it + 1) % self.log_interval == 0 or it == 0 or \
                         it + 1 == self.iterations:
                     self._log(batch_idx, it, opt, loss, loss_apa, loss_sl,
-                              loss_img, loss_crop, loss_tv, hub)
+                              loss_img, loss_crop, loss_tv)
         finally:
             rec.remove()
         return x.detach()
 
     def _log(self, batch_idx, it, opt, loss, loss_apa, loss_sl, loss_img,
-             loss_crop, loss_tv, hub):
-        log = dict(batch=batch_idx, iter=it + 1,
-                   lr=opt.param_groups[0]['lr'], loss=loss.item(),
-                   loss_apa=float(loss_apa.item()),
-                   loss_sl=float(loss_sl.item()),
-                   loss_sl_img=float(loss_img.item()),
-                   loss_sl_crops=float(loss_crop.item()),
-                   loss_tv=float(loss_tv.item()))
-        self.history.append(log)
-        for k in ('loss', 'loss_apa', 'loss_sl', 'loss_tv'):
-            hub.update_scalar(f'synth/{k}', log[k])
-        print_log(
-            f'[SPDFQ] batch {batch_idx + 1}/{self.num_batches} iter '
-            f'{it + 1}/{self.iterations} lr {log["lr"]:.4f} loss '
-            f'{log["loss"]:.4f} apa {log["loss_apa"]:.4f} sl '
-            f'{log["loss_sl"]:.4f} (img {log["loss_sl_img"]:.4f} crops '
-            f'{log["loss_sl_crops"]:.4f}) tv {log["loss_tv"]:.4f}',
-            logger='current')
+             loss_crop, loss_tv):
+        self.log_terms(dict(
+            batch=batch_idx, iter=it + 1, lr=opt.param_groups[0]['lr'],
+            loss=loss.item(), loss_apa=float(loss_apa.item()),
+            loss_sl=float(loss_sl.item()),
+            loss_sl_img=float(loss_img.item()),
+            loss_sl_crops=float(loss_crop.item()),
+            loss_tv=float(loss_tv.item())))
