@@ -40,3 +40,12 @@ __all__ += [
     'inter_head_similarity_loss', 'headwise_structure_loss',
     'AttnLogitsRecorder', 'qk_logits', 'RealImages', 'list_images'
 ]
+
+from .distill import (StudentStep, extract_features,  # noqa: F401,E402
+                      feature_discrepancy, mean_discrepancy)
+from .psaq_v2 import PSAQViTV2  # noqa: F401,E402
+
+__all__ += [
+    'StudentStep', 'feature_discrepancy', 'extract_features',
+    'mean_discrepancy', 'PSAQViTV2'
+]

@@ -1,0 +1,414 @@
+"""PSAQ-ViT V2: adaptive teacher-student data-free quantization for Swin.
+
+V2 keeps V1's patch-similarity entropy and adds a competition between the
+synthetic images and the quantized model (the student), refereed by the
+full-precision model (the teacher): the images are pushed towards samples
+the current student gets wrong, the student is then trained on them, and so
+on.  The paper's code is not public; what this implementation does where the
+paper leaves a choice open is listed in :class:`PSAQViTV2`.
+"""
+import math
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from mmengine.logging import MessageHub, print_log
+from torch import nn
+
+from ..registry import MODELS
+from .base import clamp_to_range, get_backbone, get_mean_std
+from .distill import (MEASURES, StudentStep, adapted_modules, add_scalars,
+                      extract_features, feature_discrepancy, frozen_modules,
+                      mean_discrepancy)
+from .hooks import AttnOutputRecorder
+from .losses import psaq_entropy_loss, tv_prior_loss
+from .psaq import PSAQViT
+
+__all__ = ['PSAQViTV2']
+
+#: Offset of the seed of adapt()'s generator from the synthesizer's seed, so
+#: adapt() does not replay the random stream generate() used.
+ADAPT_SEED_OFFSET = 1000003
+
+
+@MODELS.register_module()
+class PSAQViTV2(PSAQViT):
+    """PSAQ-ViT V2 (adaptive teacher-student) at the backbone level of Swin.
+
+    ``teacher_student = True``: the engine calls :meth:`generate` on the
+    frozen FP teacher (the V1 synthesis, inherited from :class:`PSAQViT`,
+    default ``iterations=200`` instead of V1's 500 since the images keep
+    evolving afterwards), quantizes and calibrates the student on those
+    images, then calls :meth:`adapt`, which runs ``rounds`` rounds of
+
+    (a) *sample step*: for ``sample_iters`` Adam iterations per batch (lr
+        ``sample_lr``, cosine decay towards 0 within the step, fresh Adam
+        state every round and batch; V1's jitter/flip only with
+        ``sample_augment=True``), on ``images_per_round`` images of the pool
+        (all by default), minimise::
+
+            entropy_weight * psaq_entropy_loss(teacher attention records)
+          - disc_weight * feature_discrepancy(teacher(x), student(x))
+          + TV prior (V1's tv_prior_loss, on the un-jittered x)
+
+        i.e. raise the patch-similarity entropy of the teacher and the
+        teacher-student discrepancy (hard samples for the current student);
+        both models are frozen; ``x`` is clamped to the valid range after
+        every step;
+    (b) optional *recalibration* (``recalibrate=True`` and a ``calibrate``
+        callable given): the engine's calibration re-run on the updated
+        pool;
+    (c) *student step*: :class:`~dfq_dense.synth.distill.StudentStep` on the
+        whole pool (loss ``'feature'`` by default).
+
+    Choices the paper leaves open (all configurable):
+
+    * What the discrepancy is measured on: the teacher's and student's
+      multi-scale backbone outputs (the neck outputs with
+      ``include_neck=True``), with
+      :func:`~dfq_dense.synth.distill.feature_discrepancy`, ``measure``
+      ``'mse'`` (on teacher-standardised features, default) or ``'kl'``
+      (channel softmax, temperature ``tau``).  Detection / segmentation
+      heads are not used: the method stays task-independent.
+    * The entropy is taken on the teacher only (the FP model defines what
+      "natural" patch structure is).
+    * Step counts and rates: ``rounds=4``, ``sample_iters=50``,
+      ``sample_lr=0.05`` (lower than V1's 0.25: the images start from V1's
+      result and are refined, not created), student step Adam ``lr=1e-5``
+      on the weights, 50 iterations, batch ``batch_size``.
+    * No augmentation in the sample step by default
+      (``sample_augment=False``): the student step trains on the pool
+      images as they are, so they are made hard as they are (with V1's
+      15 px jitter the discrepancy gradient of small images is mostly
+      noise); the images already got V1's jittered synthesis.
+    * Images per round: all (``images_per_round=None``); when fewer, which
+      ones (``selection``): ``'random'``, ``'easy'`` (lowest current
+      per-sample discrepancy: the ones the student already handles, made
+      harder) or ``'hard'`` (highest).
+    * Balance of the terms: ``entropy_weight`` (1.0, V1's), ``disc_weight``
+      (1.0) and V1's TV prior (``tv_weight`` 0.05).
+    * Recalibration between the sample and the student steps: off
+      (``recalibrate=False``), because the engine's calibration re-derives
+      every qparam (discarding learned scales); the student step is the
+      adaptation mechanism.
+    * What the student learns: its weights (``student_step=dict(params=
+      'qparams' | 'both')`` for the quantizer scales); the student stays in
+      eval mode (see :class:`~dfq_dense.synth.distill.StudentStep`).
+
+    Components can be switched off for ablations with ``components=dict(
+    entropy=..., discrepancy=..., student_step=..., tv=...)`` (missing names
+    stay on; a list gives the names that are on).  Everything random comes
+    from a CPU generator seeded from ``seed`` (the student step's batch
+    order from ``student_step['seed']`` (default ``seed``) plus the round),
+    so a seed gives the same images and the same student on a given device.
+
+    Args (beyond :class:`PSAQViT`, whose arguments are accepted too):
+        rounds: adaptation rounds.
+        sample_iters, sample_lr, sample_betas: the sample step's Adam.
+        sample_augment: V1's roll jitter / flip in the sample step (off).
+        images_per_round, selection: see above.
+        disc_weight: weight of the (maximised) discrepancy.
+        measure, tau: the discrepancy measure.
+        include_neck: measure on (and adapt) the neck outputs too.
+        recalibrate: re-run ``calibrate(pool)`` after each sample step.
+        components: ablation switches, see above.
+        student_step: :class:`StudentStep` arguments; defaults
+            ``batch_size``, ``include_neck``, ``measure``, ``tau``, ``seed``
+            and ``log_interval`` to this synthesizer's.
+        eval_discrepancy: log the pool's mean discrepancy at the start and
+            end of every round (two no-grad passes over the pool).
+    """
+
+    teacher_student = True
+    COMPONENTS = ('entropy', 'discrepancy', 'student_step', 'tv')
+    SELECTIONS = ('random', 'easy', 'hard')
+
+    def __init__(self,
+                 num_images: int = 8,
+                 batch_size: int = 8,
+                 img_size=None,
+                 iterations: int = 200,
+                 seed: int = 0,
+                 rounds: int = 4,
+                 sample_iters: int = 50,
+                 sample_lr: float = 0.05,
+                 sample_betas: Tuple[float, float] = (0.5, 0.9),
+                 sample_augment: bool = False,
+                 images_per_round: Optional[int] = None,
+                 selection: str = 'random',
+                 disc_weight: float = 1.0,
+                 measure: str = 'mse',
+                 tau: float = 1.0,
+                 include_neck: bool = False,
+                 recalibrate: bool = False,
+                 components: Union[None, Dict[str, bool],
+                                   Sequence[str]] = None,
+                 student_step: Optional[dict] = None,
+                 eval_discrepancy: bool = True,
+                 log_interval: int = 50,
+                 **kwargs):
+        super().__init__(num_images=num_images, batch_size=batch_size,
+                         img_size=img_size, iterations=iterations, seed=seed,
+                         log_interval=log_interval, **kwargs)
+        self.components = self._parse_components(components)
+        if int(rounds) < 0 or int(sample_iters) < 0:
+            raise ValueError('PSAQViTV2: rounds and sample_iters must be '
+                             '>= 0')
+        if selection not in self.SELECTIONS:
+            raise ValueError(f'PSAQViTV2: selection must be one of '
+                             f'{self.SELECTIONS}, got {selection!r}')
+        if measure not in MEASURES:
+            raise ValueError(f'PSAQViTV2: measure must be one of '
+                             f'{MEASURES}, got {measure!r}')
+        if images_per_round is not None and int(images_per_round) < 1:
+            raise ValueError('PSAQViTV2: images_per_round must be >= 1 or '
+                             'None (all)')
+        self.rounds = int(rounds)
+        self.sample_iters = int(sample_iters)
+        self.sample_lr = float(sample_lr)
+        self.sample_betas = tuple(sample_betas)
+        self.sample_augment = bool(sample_augment)
+        self.images_per_round = (None if images_per_round is None else
+                                 int(images_per_round))
+        self.selection = selection
+        self.disc_weight = float(disc_weight)
+        self.measure = measure
+        self.tau = float(tau)
+        self.include_neck = bool(include_neck)
+        self.recalibrate = bool(recalibrate)
+        self.eval_discrepancy = bool(eval_discrepancy)
+        self.student = StudentStep.build(
+            student_step, batch_size=self.batch_size,
+            include_neck=self.include_neck, measure=self.measure,
+            tau=self.tau, seed=self.seed,
+            log_interval=max(1, self.log_interval // 5),
+            name='PSAQViTV2/student')
+
+    @classmethod
+    def _parse_components(cls, components) -> Dict[str, bool]:
+        out = {k: True for k in cls.COMPONENTS}
+        if isinstance(components, (list, tuple, set)):
+            out = {k: False for k in cls.COMPONENTS}
+            components = {k: True for k in components}
+        for k, v in dict(components or {}).items():
+            if k not in out:
+                raise ValueError(
+                    f'PSAQViTV2: unknown component {k!r}; known components: '
+                    f'{", ".join(cls.COMPONENTS)}')
+            out[k] = bool(v)
+        if not any(out.values()):
+            raise ValueError('PSAQViTV2: all components are switched off '
+                             f'({", ".join(cls.COMPONENTS)})')
+        return out
+
+    # ------------------------------------------------------------- schedule
+    def sample_lr_at(self, it: int) -> float:
+        """Sample-step learning rate: cosine from ``sample_lr`` towards 0."""
+        T = max(1, self.sample_iters)
+        return self.sample_lr * 0.5 * (1 + math.cos(math.pi * it / T))
+
+    # ------------------------------------------------------------------ api
+    def adapt(self, teacher: nn.Module, student: nn.Module,
+              images: torch.Tensor, calibrate=None) -> torch.Tensor:
+        """Adapt images and student in turn (see the class docstring).
+
+        Args:
+            teacher: the frozen full-precision model (``.backbone``, optional
+                ``.neck``, ``.data_preprocessor``).
+            student: its quantized, calibrated copy; adapted in place and
+                left in eval mode with its ``requires_grad`` flags and
+                quantizer states as they were.
+            images: normalised ``(N, 3, H, W)`` pool (e.g. from
+                :meth:`generate`); not modified.
+            calibrate: ``calibrate(images)`` re-calibrates the student
+                (used with ``recalibrate=True``); None: never.
+
+        Returns:
+            the adapted pool, CPU float ``(N, 3, H, W)``.
+        """
+        if self.mean is None or self.std is None:
+            self.mean, self.std = get_mean_std(teacher)
+        comp = self.components
+        pool = images.detach().float().cpu().clone()
+        generator = torch.Generator().manual_seed(self.seed +
+                                                  ADAPT_SEED_OFFSET)
+        hub = MessageHub.get_current_instance()
+        # the runner's visualizer, when the DFQ loop set one
+        self.student.visualizer = getattr(self, 'visualizer', None)
+        sample_on = comp['entropy'] or comp['discrepancy'] or comp['tv']
+        n_sel = len(pool) if self.images_per_round is None else min(
+            len(pool), self.images_per_round)
+        steps = self.rounds * math.ceil(n_sel / self.batch_size) * \
+            self.sample_iters if sample_on else 0
+        bar = self._progress_bar(steps) if steps else None
+        try:
+            for r in range(self.rounds):
+                d_start = self._pool_discrepancy(teacher, student, pool)
+                if sample_on and self.sample_iters > 0:
+                    pool = self.sample_step(teacher, student, pool, r,
+                                            generator, bar)
+                d_hard = self._pool_discrepancy(teacher, student, pool)
+                if self.recalibrate and calibrate is not None:
+                    calibrate(pool)
+                    print_log(f'[PSAQViTV2] round {r + 1}/{self.rounds}: '
+                              'student re-calibrated on the adapted pool',
+                              logger='current')
+                if comp['student_step'] and self.student.iters > 0:
+                    self.student.history = []
+                    self.student.run(teacher, student, pool,
+                                     seed=self.student.seed + r,
+                                     tag=f'round {r + 1}/{self.rounds}')
+                    self.history.extend(
+                        dict(h, round=r) for h in self.student.history)
+                d_end = self._pool_discrepancy(teacher, student, pool)
+                self._log_round(r, d_start, d_hard, d_end, hub)
+        finally:
+            if bar is not None and hasattr(bar, 'close'):
+                bar.close()
+        for m in student.modules():  # eval mode, without Swin's train() hook
+            m.training = False
+        return pool
+
+    def _pool_discrepancy(self, teacher, student, pool) -> Optional[float]:
+        if not self.eval_discrepancy:
+            return None
+        return mean_discrepancy(teacher, student, pool, self.include_neck,
+                                self.measure, self.tau,
+                                self.batch_size).item()
+
+    def _log_round(self, r, d_start, d_hard, d_end, hub):
+        log = dict(phase='round', round=r, disc_start=d_start,
+                   disc_after_sample=d_hard, disc_end=d_end)
+        self.history.append(log)
+        if d_end is None:
+            return
+        scalars = {f'adapt/{k}': log[k]
+                   for k in ('disc_start', 'disc_after_sample', 'disc_end')}
+        for k, v in scalars.items():
+            hub.update_scalar(k, v)
+        add_scalars(getattr(self, 'visualizer', None), scalars, r + 1)
+        print_log(f'[PSAQViTV2] round {r + 1}/{self.rounds}: pool '
+                  f'discrepancy {d_start:.5f} -> {d_hard:.5f} (sample step)'
+                  f' -> {d_end:.5f} (student step)', logger='current')
+
+    # ---------------------------------------------------------- sample step
+    def select(self, teacher, student, pool,
+               generator: torch.Generator) -> torch.Tensor:
+        """Indices of the pool images that the sample step updates."""
+        n = len(pool)
+        k = n if self.images_per_round is None else min(
+            n, self.images_per_round)
+        if k == n:
+            return torch.arange(n)
+        if self.selection == 'random':
+            return torch.randperm(n, generator=generator)[:k]
+        d = mean_discrepancy(teacher, student, pool, self.include_neck,
+                             self.measure, self.tau, self.batch_size,
+                             reduction='none')
+        order = torch.sort(d, descending=self.selection == 'hard',
+                           stable=True).indices
+        return order[:k]
+
+    def sample_step(self, teacher: nn.Module, student: nn.Module,
+                    pool: torch.Tensor, round_idx: int,
+                    generator: torch.Generator, bar=None) -> torch.Tensor:
+        """Step (a) of a round on ``pool`` (returned updated, CPU)."""
+        comp = self.components
+        device = self._device(get_backbone(student))
+        mean, std = self.mean.to(device), self.std.to(device)
+        sel = self.select(teacher, student, pool, generator)
+        pool = pool.clone()
+        hub = MessageHub.get_current_instance()
+        n_batches = math.ceil(len(sel) / self.batch_size)
+        use_neck = self.include_neck and comp['discrepancy']
+        mods = adapted_modules(teacher, use_neck) + \
+            adapted_modules(student, use_neck)
+        rec = None
+        with frozen_modules(mods):
+            try:
+                if comp['entropy']:
+                    rec = AttnOutputRecorder(get_backbone(teacher))
+                for b in range(n_batches):
+                    idx = sel[b * self.batch_size:(b + 1) * self.batch_size]
+                    x = pool[idx].to(device).requires_grad_(True)
+                    opt = torch.optim.Adam([x], lr=self.sample_lr,
+                                           betas=self.sample_betas)
+                    for it in range(self.sample_iters):
+                        lr = self.sample_lr_at(it)
+                        for group in opt.param_groups:
+                            group['lr'] = lr
+                        terms = self._sample_iter(teacher, student, x, opt,
+                                                  rec, generator, use_neck,
+                                                  mean, std)
+                        self._bar_update(bar)
+                        if (it + 1) % self.log_interval == 0 or it == 0 \
+                                or it + 1 == self.sample_iters:
+                            self._log_sample(round_idx, b, n_batches, it, lr,
+                                             terms, hub)
+                    pool[idx] = x.detach().cpu()
+            finally:
+                if rec is not None:
+                    rec.remove()
+        return pool
+
+    def _sample_iter(self, teacher, student, x, opt, rec, generator,
+                     use_neck, mean, std) -> Dict[str, float]:
+        comp = self.components
+        opt.zero_grad(set_to_none=True)
+        x_aug = self.augment(x, generator) if self.sample_augment else x
+        zero = torch.zeros((), device=x.device)
+        loss = zero
+        loss_ent = loss_disc = loss_tv = zero
+        mean_ent = 0.
+        t_feats = None
+        if comp['entropy'] or comp['discrepancy']:
+            if rec is not None:
+                rec.clear()
+            t_device = self._device(get_backbone(teacher))
+            t_feats = extract_features(teacher, x_aug.to(t_device), use_neck)
+        if comp['entropy']:
+            loss_ent, ents = psaq_entropy_loss(
+                rec.records, bandwidth=self.bandwidth,
+                num_points=self.num_points, max_samples=self.max_samples,
+                generator=generator, return_per_layer=True)
+            rec.clear()
+            mean_ent = ents.mean().item()
+            loss = loss + self.entropy_weight * loss_ent.to(x.device)
+        if comp['discrepancy']:
+            s_feats = extract_features(student, x_aug, use_neck)
+            loss_disc = feature_discrepancy(
+                [f.to(x.device) for f in t_feats], s_feats, self.measure,
+                self.tau)
+            loss = loss - self.disc_weight * loss_disc
+        del t_feats
+        if comp['tv']:
+            loss_tv = tv_prior_loss(x, weight=self.tv_weight,
+                                    tau_range=self.tau_range,
+                                    ref_pixels=self.tau_ref_pixels,
+                                    generator=generator)
+            loss = loss + loss_tv
+        if loss.requires_grad:
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            x.copy_(clamp_to_range(x, mean, std))
+        return dict(loss=loss.item(), loss_entropy=loss_ent.item(),
+                    loss_disc=loss_disc.item(), loss_tv=loss_tv.item(),
+                    mean_entropy=mean_ent)
+
+    def _log_sample(self, r, b, n_batches, it, lr, terms, hub):
+        log = dict(phase='sample', round=r, batch=b, iter=it + 1, lr=lr,
+                   **terms)
+        self.history.append(log)
+        scalars = {f'adapt/sample_{k}': log[k]
+                   for k in ('loss', 'loss_entropy', 'loss_disc', 'loss_tv')}
+        for k, v in scalars.items():
+            hub.update_scalar(k, v)
+        self._sample_log_step = getattr(self, '_sample_log_step', 0) + 1
+        add_scalars(getattr(self, 'visualizer', None), scalars,
+                    self._sample_log_step)
+        print_log(
+            f'[PSAQViTV2] round {r + 1}/{self.rounds} batch {b + 1}/'
+            f'{n_batches} iter {it + 1}/{self.sample_iters} lr {lr:.4f} '
+            f'loss {log["loss"]:.4f} entropy {log["loss_entropy"]:.4f} '
+            f'disc {log["loss_disc"]:.5f} tv {log["loss_tv"]:.4f}',
+            logger='current')
