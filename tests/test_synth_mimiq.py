@@ -334,7 +334,8 @@ def test_mimiq_build_deterministic(tiny_model):
     s = _mimiq()
     assert isinstance(s, MimiQ)
     assert s.components == dict(head_similarity=True, pseudo_label=True,
-                                tv=True)
+                                tv=True, distill=True)
+    assert s.teacher_student
     x = s.generate(tiny_model)
     assert x.shape == (2, 3, 36, 44) and torch.isfinite(x).all()
     lo, hi = valid_range(torch.tensor(MEAN), torch.tensor(STD))
@@ -373,7 +374,7 @@ def test_mimiq_components_and_check_model(tiny_model):
         _mimiq(components=dict(head_similarity=False, pseudo_label=False,
                                tv=False))
     assert _mimiq(components=['tv', 'pseudo_label']).components == dict(
-        head_similarity=False, pseudo_label=True, tv=True)
+        head_similarity=False, pseudo_label=True, tv=True, distill=False)
     with pytest.raises(ValueError, match='known components'):
         _mimiq(components=['head_sim'])
     s = _mimiq()
@@ -515,3 +516,34 @@ def test_real_images_errors(image_dir, tmp_path):
     assert math.isfinite(
         RealImages(data_root=image_dir, num_images=1, img_size=8,
                    progress=False).generate(model).sum().item())
+
+
+def test_mimiq_distillation_adapts_the_student(tiny_model):
+    """The `distill` component: head-wise structural distillation of the
+    calibrated student (through the fake quantizers) lowers its loss."""
+    import copy
+
+    from dfq_dense.quant import (enable_calibration, finish_calibration,
+                                 quantize_model)
+    synth = _mimiq(iterations=2, student_step=dict(
+        optimizer='adam', lr=1e-3, iters=6, batch_size=2, log_interval=1))
+    images = synth.generate(tiny_model)
+    teacher = copy.deepcopy(tiny_model)
+    student = copy.deepcopy(tiny_model)
+    quantize_model(student, 4, 4, scope='backbone')
+    enable_calibration(student)
+    with torch.no_grad():
+        student.backbone(images)
+    finish_calibration(student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    out = synth.adapt(teacher, student, images)
+    assert torch.equal(out, images)
+    hist = synth.student_step.history
+    assert len(hist) == 6 and hist[-1]['loss'] < hist[0]['loss']
+    changed = [k for k, v in student.state_dict().items()
+               if not torch.equal(v, before[k])]
+    assert any(k.endswith('module.weight') for k in changed)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, tiny_model.state_dict()[k])
+    off = _mimiq(iterations=1, components=dict(distill=False))
+    assert not off.teacher_student

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..registry import MODELS
 from .base import BaseSynthesizer, clamp_to_range, get_backbone
+from .distill import StudentStep
 from .feature_targets import RandomProjectionHead, random_hard_targets
 from .losses import tv_prior_loss
 from .qk_hooks import AttnLogitsRecorder
@@ -329,9 +330,20 @@ class MimiQ(BaseSynthesizer):
         num_classes, logit_scale: the
             :class:`~dfq_dense.synth.feature_targets.RandomProjectionHead`.
         ssim_c1, ssim_c2: SSIM constants (0.01^2, 0.03^2).
+        student_step: the distillation after calibration (component
+            ``distill``, on by default), a
+            :class:`~dfq_dense.synth.distill.StudentStep` config: MimiQ's
+            head-wise structural attention distillation (``loss='mimiq'``:
+            10 x (1 - structure term) per head on the attn @ v outputs +
+            the feature discrepancy of the backbone outputs, standing in for
+            MimiQ's KL on class logits), SGD Nesterov (momentum 0.9, lr 1e-6,
+            weight decay 1e-4, MimiQ's QAT settings) on the student's
+            backbone weights through the straight-through fake quantizers.
+            Keys given here override those defaults (e.g. ``iters``,
+            ``lr``).  With ``distill`` off MimiQ is synthesis only.
     """
 
-    COMPONENTS = ('head_similarity', 'pseudo_label', 'tv')
+    COMPONENTS = ('head_similarity', 'pseudo_label', 'tv', 'distill')
 
     def __init__(self,
                  num_images: int = 16,
@@ -358,6 +370,7 @@ class MimiQ(BaseSynthesizer):
                  logit_scale: float = 1.0,
                  ssim_c1: float = SSIM_C1,
                  ssim_c2: float = SSIM_C2,
+                 student_step: Optional[dict] = None,
                  log_interval: int = 50,
                  progress: bool = True,
                  device=None):
@@ -391,6 +404,26 @@ class MimiQ(BaseSynthesizer):
         self.ssim_c2 = float(ssim_c2)
         self.head = RandomProjectionHead(num_classes=num_classes,
                                          logit_scale=logit_scale, seed=seed)
+        self.student_step = StudentStep.build(
+            student_step, loss='mimiq', optimizer='sgd', lr=1e-6,
+            momentum=0.9, nesterov=True, weight_decay=1e-4, iters=50,
+            seed=seed, name='MimiQ.distill')
+
+    @property
+    def teacher_student(self) -> bool:
+        """The DFQ loop hands the calibrated student to :meth:`adapt`."""
+        return self.components['distill']
+
+    def adapt(self, teacher, student, images, calibrate=None):
+        """Head-wise attention distillation of the calibrated ``student``
+        from the FP ``teacher`` on the synthetic ``images`` (in place);
+        returns the images unchanged.  ``calibrate`` is not used: the
+        quantization parameters stay those of the calibration."""
+        if not self.components['distill']:
+            return images
+        self.student_step.visualizer = self.visualizer
+        self.student_step.run(teacher, student, images)
+        return images
 
     @classmethod
     def _parse_components(cls, components) -> Dict[str, bool]:
@@ -405,7 +438,7 @@ class MimiQ(BaseSynthesizer):
                     f'MimiQ: unknown component {k!r}; known components: '
                     f'{", ".join(cls.COMPONENTS)}')
             out[k] = bool(v)
-        if not any(out.values()):
+        if not any(v for k, v in out.items() if k != 'distill'):
             raise ValueError('MimiQ: all components are switched off '
                              f'({", ".join(cls.COMPONENTS)}); nothing to '
                              'optimise')

@@ -1,0 +1,56 @@
+"""Helpers of the table scripts (tools/quant_table.py, tools/method_table.py).
+"""
+import json
+import os.path as osp
+import sys
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def load_fragment(kind, name, var):
+    """The variable ``var`` of ``configs/_base_/<kind>/<name>.py`` as a
+    plain dict."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(
+        osp.join(ROOT, 'configs', '_base_', kind, name + '.py'))
+    return cfg[var].to_dict()
+
+
+def run_cell(config, work_dir, options, eval_fp=False):
+    """One ``tools/dfq_test.py`` run in this process with ``options`` (a
+    ``--cfg-options`` dict whose values may be dicts); returns its
+    ``dfq_results.json``."""
+    tools = osp.join(ROOT, 'tools')
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import dfq_test
+    argv = [config, '--work-dir', work_dir]
+    if eval_fp:
+        argv.append('--eval-fp')
+    args = dfq_test.parse_args(argv)
+    args.cfg_options = options
+    dfq_test.run(args)
+    with open(osp.join(work_dir, 'dfq_results.json')) as f:
+        return json.load(f)
+
+
+def fmt_metric(key, value):
+    """mIoU with one decimal, mAP with three."""
+    return f'{value:.1f}' if key == 'mIoU' else f'{value:.3f}'
+
+
+def replace_readme_section(name, text, path=osp.join(ROOT, 'README.md')):
+    """Replace what lies between ``<!-- name:start -->`` and
+    ``<!-- name:end -->`` in ``path`` by ``text`` (atomically)."""
+    from ..utils.fileio import atomic_path
+    start, end = f'<!-- {name}:start -->', f'<!-- {name}:end -->'
+    with open(path) as f:
+        readme = f.read()
+    if start not in readme or end not in readme:
+        raise SystemExit(f'{path} has no {start} ... {end} markers: add '
+                         'them where the table goes')
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    with atomic_path(path, '.md') as tmp:
+        with open(tmp, 'w') as f:
+            f.write(head + start + '\n' + text + end + tail)
