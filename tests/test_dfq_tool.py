@@ -186,3 +186,52 @@ def test_override_glob_checked_against_the_model(tmp_path, capsys,
     assert "['backbone.stage.*'] match no quantizable module" in err[-1]
     assert not (work / 'dfq_results.json').exists()
     assert not (work / 'synthetic').exists()
+
+
+def test_teacher_student_method_end_to_end(tmp_path, demo_data_root):
+    """PSAQ-ViT V2 through the DFQ loop: the student is adapted after
+    calibration, its changed weights are saved and --load-quantized
+    rebuilds the same model."""
+    demo = osp.join(REPO, 'configs/demo/upernet_swin_demo_w8a8.py')
+    synth = dict(_delete_=True, type='PSAQViTV2', num_images=2, batch_size=2,
+                 iterations=2, rounds=1, sample_iters=2, max_samples=2000,
+                 student_step=dict(iters=2, batch_size=2, lr=1e-4), seed=0)
+    opts = {'test_dataloader.dataset.indices': 8, 'dfq.synthesizer': synth,
+            'dfq.quantizer.w_bits': 4, 'dfq.quantizer.a_bits': 4}
+    first = tmp_path / 'first'
+    args = dfq_test.parse_args([demo, '--work-dir', str(first)])
+    args.cfg_options = dict(opts)
+    res1 = dfq_test.run(args)
+    assert res1['method'] == 'PSAQViTV2'
+    assert res1['seconds']['adaptation'] > 0
+    import torch
+    saved = torch.load(str(first / 'quant_params.pth'), weights_only=True)
+    changed = saved['meta']['changed']
+    assert any(k.startswith('backbone.') and k.endswith('module.weight')
+               for k in changed)
+    second = tmp_path / 'second'
+    args = dfq_test.parse_args([demo, '--work-dir', str(second),
+                                '--load-quantized',
+                                str(first / 'quant_params.pth')])
+    args.cfg_options = dict(opts)
+    res2 = dfq_test.run(args)
+    assert res2['metrics'] == res1['metrics']
+
+
+def test_real_images_default_to_the_training_split(tmp_path, demo_data_root):
+    demo = osp.join(REPO, 'configs/demo/upernet_swin_demo_w8a8.py')
+    args = dfq_test.parse_args([demo, '--work-dir', str(tmp_path / 'w')])
+    args.cfg_options = {
+        'test_dataloader.dataset.indices': 4,
+        'dfq.synthesizer': dict(_delete_=True, type='RealImages',
+                                num_images=3, batch_size=3, seed=1)}
+    res = dfq_test.run(args)
+    assert osp.samefile(res['synthesizer']['data_root'],
+                        osp.join(demo_data_root, 'images/training'))
+    assert res['num_images'] == 3
+    args = dfq_test.parse_args([demo, '--work-dir', str(tmp_path / 'x')])
+    args.cfg_options = {'dfq.synthesizer': dict(
+        _delete_=True, type='RealImages', data_root=str(tmp_path / 'none'))}
+    from dfq_dense.engine.dfq_config import DFQConfigError
+    with pytest.raises(DFQConfigError, match='does not exist'):
+        dfq_test.run(args)

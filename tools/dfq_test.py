@@ -165,6 +165,7 @@ def run(args):
         seconds=dict(
             synthesis=round(report['synthesis_seconds'], 2),
             calibration=round(report['calibration_seconds'], 2),
+            adaptation=round(report.get('adapt_seconds', 0.0), 2),
             evaluation=round(report['eval_seconds'], 2),
             fp_evaluation=round(report.get('fp_eval_seconds', 0.0), 2),
             total=round(time.time() - start, 2)),

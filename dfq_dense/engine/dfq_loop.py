@@ -6,6 +6,7 @@ before ``loop.run()``, so the loop always starts from the FP weights; after
 calibration the unchanged TestLoop.run evaluates the quantized model with the
 config's own metric (CocoMetric, IoUMetric).
 """
+import copy
 import os.path as osp
 import time
 from contextlib import contextmanager
@@ -48,6 +49,18 @@ def infer_test_image_size(cfg):
             return (min(scale), max(scale))
     raise ValueError('cannot infer the test image size: set '
                      'dfq.synthesizer.img_size=(H, W)')
+
+
+def train_image_folder(cfg):
+    """The training-image folder of the config's train dataset (the
+    real-image baseline's default source): ``data/coco/train2017/`` for
+    COCO, ``data/ade/ADEChallengeData2016/images/training`` for ADE20K."""
+    dataset = cfg.train_dataloader.dataset
+    while 'dataset' in dataset:  # RepeatDataset and other wrappers
+        dataset = dataset.dataset
+    prefix = dataset.get('data_prefix', {})
+    img = prefix.get('img', prefix.get('img_path', ''))
+    return osp.join(dataset.get('data_root', ''), img)
 
 
 def calibration_batch(images, preprocessor, task):
@@ -125,11 +138,14 @@ class DFQTestLoop(TestLoop):
             self._check_quant_params_cfg(self.dfq.load_quantized)
         self.synth_cfg = self._synthesizer_cfg()
         self.synthesizer = None
-        if not self.dfq.load_images and not self.dfq.load_quantized:
-            self.synthesizer = build(MODELS, self.synth_cfg)
+        if not self.dfq.load_quantized:
             try:
+                self.synthesizer = build(MODELS, self.synth_cfg)
                 self.synthesizer.check_model(self._model)
-            except ValueError as err:
+                if not self.dfq.load_images and \
+                        hasattr(self.synthesizer, 'select_files'):
+                    self.synthesizer.select_files()  # real images exist?
+            except (ValueError, TypeError, FileNotFoundError) as err:
                 raise DFQConfigError(
                     f'dfq.synthesizer {self.synth_cfg["type"]}: {err}') \
                     from None
@@ -149,8 +165,12 @@ class DFQTestLoop(TestLoop):
         if self.dfq.load_quantized:
             self._load_quantized(model)
         else:
+            # Teacher-student methods need the FP model beside the student.
+            teacher = copy.deepcopy(model).eval() \
+                if getattr(self.synthesizer, 'teacher_student', False) \
+                else None
             start = time.time()
-            images = self._get_images(model)
+            images = self._get_images(teacher or model)
             self.report['synthesis_seconds'] = time.time() - start
 
             start = time.time()
@@ -159,6 +179,11 @@ class DFQTestLoop(TestLoop):
             folded = self._calibrate(model, images)
             self.report['calibration_seconds'] = time.time() - start
             self.report['reparameterized'] = len(folded)
+            if teacher is not None:
+                start = time.time()
+                self._adapt(teacher, model, images, bool(folded))
+                self.report['adapt_seconds'] = time.time() - start
+                del teacher
             if get_rank() == 0:
                 path = osp.join(self.runner.work_dir, QUANT_PARAMS)
                 save_quant_params(path, model, snapshot,
@@ -173,6 +198,25 @@ class DFQTestLoop(TestLoop):
         metrics = super().run()
         self.report['eval_seconds'] = time.time() - start
         return metrics
+
+    def _adapt(self, teacher, model, images, reparameterized):
+        """Let a teacher-student method adapt the calibrated student.
+
+        Every rank runs it on the same images and seed (re-calibration
+        inside is collective); rank 0's result is then broadcast so that the
+        ranks hold identical students even where GPU kernels are not
+        deterministic.  A reparameterised student cannot be re-calibrated
+        (its LayerNorms already hold the folded scales): the method then
+        keeps the first calibration.
+        """
+        calibrate = None if reparameterized else \
+            (lambda imgs: self._calibrate(model, imgs))
+        images = self.synthesizer.adapt(teacher, model, images,
+                                        calibrate=calibrate)
+        if is_distributed():
+            for tensor in list(model.state_dict().values()):
+                broadcast(tensor, src=0)
+        return images
 
     def _quantize(self, model, dry_run=False):
         q = self.dfq.quantizer
@@ -219,6 +263,9 @@ class DFQTestLoop(TestLoop):
         cfg = dict(self.dfq.synthesizer)
         if cfg.get('img_size') is None:
             cfg['img_size'] = infer_test_image_size(self.runner.cfg)
+        if cfg['type'].split('.')[-1] == 'RealImages' and \
+                cfg.get('data_root') is None:
+            cfg['data_root'] = train_image_folder(self.runner.cfg)
         return cfg
 
     def _get_images(self, model):
@@ -234,6 +281,7 @@ class DFQTestLoop(TestLoop):
                       f'{source} ({synth_cfg.get("type")})', logger='current')
             self.report['images_from'] = source
         elif get_rank() == 0:
+            self.synthesizer.visualizer = self.runner.visualizer
             images = self.synthesizer.generate(model)
             save_images(images, model.data_preprocessor.mean,
                         model.data_preprocessor.std, out_dir,

@@ -1,0 +1,22 @@
+# PSAQ-ViT V2 at backbone level: V1 synthesis for the initial images, then
+# rounds of (a) a sample step raising the patch-similarity entropy of the
+# FP teacher and the teacher-student discrepancy of the multi-scale backbone
+# features (hard samples for the current student) and (b) a student step
+# lowering that discrepancy through the straight-through fake quantizers.
+# The adapted student is evaluated.  The paper gives no counts for dense
+# prediction: these are this suite's choices (see PSAQViTV2's docstring).
+dfq_synthesizer = dict(
+    type='PSAQViTV2',
+    num_images=32,
+    batch_size=8,
+    iterations=500,  # V1 iterations of the initial images
+    img_size=None,
+    rounds=4,
+    sample_iters=50,
+    measure='mse',  # or 'kl' on softened channel distributions
+    include_neck=False,
+    components=dict(entropy=True, discrepancy=True, student_step=True,
+                    tv=True),
+    student_step=dict(params='weights', optimizer='adam', lr=1e-5, iters=50,
+                      batch_size=8),
+    seed=0)
