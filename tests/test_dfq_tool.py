@@ -235,3 +235,71 @@ def test_real_images_default_to_the_training_split(tmp_path, demo_data_root):
     from dfq_dense.engine.dfq_config import DFQConfigError
     with pytest.raises(DFQConfigError, match='does not exist'):
         dfq_test.run(args)
+
+
+def _user_config(tmp_path, body):
+    cfg = tmp_path / 'user_cfg.py'
+    cfg.write_text(
+        f"_base_ = '{REPO}/configs/demo/upernet_swin_demo_w8a8.py'\n" + body)
+    return str(cfg)
+
+
+@pytest.mark.parametrize('method,component', [
+    ('SPDFQ', 'no_such_part'), ('MimiQ', 'attention'),
+    ('PSAQViTV2', 'labels')])
+def test_unknown_component_fails_before_work(tmp_path, capsys, method,
+                                             component, demo_data_root):
+    cfg = _user_config(
+        tmp_path, f"dfq = dict(synthesizer=dict(_delete_=True, "
+        f"type='{method}', components=dict({component}=True)))\n")
+    work = tmp_path / 'work'
+    code = dfq_test.main([cfg, '--work-dir', str(work)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith(f'dfq_test: error: dfq.synthesizer {method}')
+    assert 'unknown component' in err[-1] and repr(component) in err[-1]
+    assert not (work / 'synthetic').exists()
+
+
+@pytest.mark.parametrize('method', ['PSAQViT', 'PSAQViTV2', 'MimiQ',
+                                    'SPDFQ'])
+def test_attention_method_on_a_non_swin_backbone(tmp_path, capsys, method,
+                                                 demo_data_root):
+    cfg = _user_config(
+        tmp_path, "model = dict(backbone=dict(_delete_=True, "
+        "type='ResNetV1c', depth=18))\n"
+        f"dfq = dict(synthesizer=dict(_delete_=True, type='{method}'))\n")
+    code = dfq_test.main([cfg, '--work-dir', str(tmp_path / 'w')])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith(f'dfq_test: error: dfq.synthesizer {method}')
+    assert 'Swin' in err[-1]
+
+
+def test_same_seed_same_images_and_metrics(tmp_path, demo_data_root):
+    """Two runs of a synthesis + distillation method with one seed: the
+    same synthetic images, the same student, the same metrics."""
+    import torch
+    demo = osp.join(REPO, 'configs/demo/upernet_swin_demo_w8a8.py')
+    synth = dict(_delete_=True, type='MimiQ', num_images=2, batch_size=2,
+                 iterations=3, seed=3,
+                 student_step=dict(optimizer='adam', lr=1e-4, iters=2,
+                                   batch_size=2))
+    out = []
+    for run in ('a', 'b'):
+        args = dfq_test.parse_args([demo, '--work-dir', str(tmp_path / run)])
+        args.cfg_options = {'test_dataloader.dataset.indices': 8,
+                            'dfq.synthesizer': dict(synth),
+                            'dfq.quantizer.a_bits': 4}
+        res = dfq_test.run(args)
+        images = torch.load(
+            str(tmp_path / run / 'synthetic' / 'synthetic_images.pth'),
+            weights_only=True)['images']
+        params = torch.load(str(tmp_path / run / 'quant_params.pth'),
+                            weights_only=True)['tensors']
+        out.append((res['metrics'], images, params))
+    assert out[0][0] == out[1][0]
+    assert torch.equal(out[0][1], out[1][1])
+    assert out[0][2].keys() == out[1][2].keys()
+    for key, value in out[0][2].items():
+        assert torch.equal(value, out[1][2][key]), key

@@ -15,13 +15,11 @@ stays in ``<work-dir>/<model>/<setting>_<bits>/``.  Writes
 table between the ``quant-table`` markers of README.md.
 """
 import argparse
-import json
 import os.path as osp
 import sys
 import time
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, osp.join(ROOT, 'tools'))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -36,34 +34,10 @@ MODELS = {
     'det': ('mask_rcnn_swin_demo', ('coco/bbox_mAP', 'coco/segm_mAP')),
     'seg': ('upernet_swin_demo', ('mIoU', )),
 }
-MARK_START = '<!-- quant-table:start -->'
-MARK_END = '<!-- quant-table:end -->'
-
-
-def fragment(kind, name, var):
-    from mmengine.config import Config
-    cfg = Config.fromfile(
-        osp.join(ROOT, 'configs', '_base_', kind, name + '.py'))
-    return cfg[var].to_dict()
-
-
-def run_cell(config, work_dir, options, eval_fp=False):
-    import dfq_test
-    argv = [config, '--work-dir', work_dir]
-    if eval_fp:
-        argv.append('--eval-fp')
-    args = dfq_test.parse_args(argv)
-    args.cfg_options = options
-    dfq_test.run(args)
-    with open(osp.join(work_dir, 'dfq_results.json')) as f:
-        return json.load(f)
-
-
-def fmt(key, value):
-    return f'{value:.1f}' if key == 'mIoU' else f'{value:.3f}'
 
 
 def markdown(table, settings, bits, models):
+    from dfq_dense.report import fmt_metric as fmt
     lines = []
     for model in models:
         name, keys = MODELS[model]
@@ -86,20 +60,6 @@ def markdown(table, settings, bits, models):
     return '\n'.join(lines).rstrip() + '\n'
 
 
-def update_readme(text, path=osp.join(ROOT, 'README.md')):
-    from dfq_dense.utils.fileio import atomic_path
-    with open(path) as f:
-        readme = f.read()
-    if MARK_START not in readme or MARK_END not in readme:
-        raise SystemExit(f'{path} has no {MARK_START} ... {MARK_END} '
-                         'markers: add them where the table goes')
-    head, rest = readme.split(MARK_START, 1)
-    _, tail = rest.split(MARK_END, 1)
-    with atomic_path(path, '.md') as tmp:
-        with open(tmp, 'w') as f:
-            f.write(head + MARK_START + '\n' + text + MARK_END + tail)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--work-dir',
@@ -115,6 +75,8 @@ def main(argv=None):
     parser.add_argument('--no-readme', action='store_true')
     args = parser.parse_args(argv)
 
+    from dfq_dense.report import (load_fragment, replace_readme_section,
+                                  run_cell)
     from dfq_dense.utils.fileio import write_json_atomic
 
     table = dict(settings=args.settings, bits=args.bits,
@@ -132,9 +94,9 @@ def main(argv=None):
                 cell = f'{setting}_{bits}'
                 work = osp.join(args.work_dir, model, cell)
                 quant = dict(_delete_=True,
-                             **fragment('quantizers', setting,
-                                        'dfq_quantizer'),
-                             **fragment('bits', bits, 'dfq_bits'))
+                             **load_fragment('quantizers', setting,
+                                             'dfq_quantizer'),
+                             **load_fragment('bits', bits, 'dfq_bits'))
                 options = dict(base, **{'dfq.quantizer': quant})
                 if images is not None:
                     options['dfq.load_images'] = images
@@ -158,7 +120,7 @@ def main(argv=None):
     text = markdown(table, args.settings, args.bits, args.models)
     print(text)
     if not args.no_readme:
-        update_readme(text)
+        replace_readme_section('quant-table', text)
     return 0
 
 

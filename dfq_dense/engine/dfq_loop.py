@@ -276,7 +276,12 @@ class DFQTestLoop(TestLoop):
         if source:
             saved = load_images(source)
             images = saved['images']
-            synth_cfg = saved['meta'].get('synthesizer', synth_cfg)
+            made_by = saved['meta'].get('synthesizer', synth_cfg)
+            if getattr(self.synthesizer, 'teacher_student', False):
+                # The method still adapts: report it, with its start images.
+                self.report['initial_images_synthesizer'] = plain(made_by)
+            else:
+                synth_cfg = made_by
             print_log(f'DFQ: reusing {len(images)} synthetic images from '
                       f'{source} ({synth_cfg.get("type")})', logger='current')
             self.report['images_from'] = source
