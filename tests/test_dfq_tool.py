@@ -204,6 +204,9 @@ def test_teacher_student_method_end_to_end(tmp_path, demo_data_root):
     res1 = dfq_test.run(args)
     assert res1['method'] == 'PSAQViTV2'
     assert res1['seconds']['adaptation'] > 0
+    # the sample steps changed the images: both sets are kept
+    assert (first / 'synthetic' / 'synthetic_images.pth').is_file()
+    assert (first / 'synthetic' / 'adapted' / 'synthetic_images.pth').is_file()
     import torch
     saved = torch.load(str(first / 'quant_params.pth'), weights_only=True)
     changed = saved['meta']['changed']

@@ -181,9 +181,17 @@ class DFQTestLoop(TestLoop):
             self.report['reparameterized'] = len(folded)
             if teacher is not None:
                 start = time.time()
-                self._adapt(teacher, model, images, bool(folded))
+                adapted = self._adapt(teacher, model, images, bool(folded))
                 self.report['adapt_seconds'] = time.time() - start
                 del teacher
+                if get_rank() == 0 and not torch.equal(adapted, images):
+                    # The sample steps changed the images: keep them too.
+                    save_images(adapted, model.data_preprocessor.mean,
+                                model.data_preprocessor.std,
+                                osp.join(self.runner.work_dir, SYNTH_DIR,
+                                         'adapted'),
+                                meta=dict(synthesizer=self.report[
+                                    'synthesizer'], adapted=True))
             if get_rank() == 0:
                 path = osp.join(self.runner.work_dir, QUANT_PARAMS)
                 save_quant_params(path, model, snapshot,
