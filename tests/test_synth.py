@@ -378,3 +378,80 @@ def test_loss_terms_reach_the_visualizer(tiny_model, tmp_path):
     assert [r['step'] for r in rows] == [1, 2]
     assert rows[0]['synth/loss'] == pytest.approx(synth.history[0]['loss'])
     assert {'synth/loss_entropy', 'synth/loss_tv'} <= set(rows[0])
+
+
+# ---------------------------------------------------------- shared pieces
+def test_swin_recorders_share_hook_bookkeeping(tiny_model):
+    from dfq_dense.synth import AttnLogitsRecorder, AttnProbRecorder
+    bb = tiny_model.backbone
+    x = torch.randn(1, 3, 36, 44, generator=torch.Generator().manual_seed(0))
+
+    def num_hooks():
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks)
+                   for m in bb.modules())
+
+    n0 = num_hooks()  # earlier tests may leave recorders on the fixture
+    for cls in (AttnOutputRecorder, AttnLogitsRecorder, AttnProbRecorder):
+        with pytest.raises(ValueError, match=f'^{cls.__name__} needs a '
+                           'Swin backbone'):
+            cls(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)))
+        with cls(bb) as rec:
+            assert len(rec) == 4 and num_hooks() > n0
+            with torch.no_grad():
+                bb(x)
+            assert len(rec.records) == 4
+            assert [r['hw_shape'] for r in rec.records] == \
+                [(9, 11), (9, 11), (5, 6), (5, 6)]
+            assert all(r['valid'].shape[0] == 1 for r in rec.records)
+            rec.clear()
+            rec.enabled = False
+            with torch.no_grad():
+                bb(x)
+            assert rec.records == [] and rec._pending == {}
+        assert num_hooks() == n0
+
+
+def test_parse_components():
+    from dfq_dense.synth.base import parse_components
+    known = ('a', 'b', 'c')
+    assert parse_components('M', known, None) == dict(a=True, b=True, c=True)
+    assert parse_components('M', known, dict(b=0)) == dict(a=True, b=False,
+                                                           c=True)
+    assert parse_components('M', known, ['c']) == dict(a=False, b=False,
+                                                       c=True)
+    with pytest.raises(ValueError) as e:
+        parse_components('M', known, dict(z=True))
+    assert str(e.value) == "M: unknown component 'z'; known components: " \
+        'a, b, c'
+    with pytest.raises(ValueError) as e:
+        parse_components('M', known, [])
+    assert str(e.value) == 'M: all components are switched off (a, b, c)'
+    # a component that does not count alone: 'c' only is not enough
+    with pytest.raises(ValueError) as e:
+        parse_components('M', known, ['c'], counted=('a', 'b'))
+    assert str(e.value) == 'M: all components are switched off ' \
+        '(a, b, c); nothing to optimise'
+
+
+def test_roll_flip_and_warmup_cosine_lr():
+    from dfq_dense.synth.base import roll_flip, warmup_cosine_lr
+    x = torch.arange(2 * 1 * 3 * 4.).reshape(2, 1, 3, 4)
+    g1 = torch.Generator().manual_seed(4)
+    g2 = torch.Generator().manual_seed(4)
+    y = roll_flip(x, g1, 2, True)
+    dx, dy = torch.randint(-2, 3, (2, ), generator=g2).tolist()
+    ref = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    if torch.rand((), generator=g2).item() < 0.5:
+        ref = torch.flip(ref, dims=(3, ))
+    assert torch.equal(y, ref)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    # nothing on: nothing drawn
+    g3 = torch.Generator().manual_seed(4)
+    assert torch.equal(roll_flip(x, g3, 0, False), x)
+    assert torch.equal(g3.get_state(),
+                       torch.Generator().manual_seed(4).get_state())
+    assert warmup_cosine_lr(0, 1., 4, 10) == pytest.approx(0.25)
+    assert warmup_cosine_lr(3, 1., 4, 10) == pytest.approx(1.)
+    assert warmup_cosine_lr(4, 1., 4, 10) == pytest.approx(1.)
+    assert warmup_cosine_lr(7, 1., 4, 10) == pytest.approx(0.5)
+    assert warmup_cosine_lr(5, 1., 4, 4) == 1.

@@ -1,4 +1,5 @@
-"""Base class and I/O helpers of the data-free image synthesizers.
+"""Base class, shared pieces and I/O helpers of the data-free image
+synthesizers.
 
 Synthesizers work in the *normalised* pixel space of the model's
 ``data_preprocessor`` (``(x - mean) / std``, RGB channel order: mmdet's
@@ -11,11 +12,13 @@ import contextlib
 import math
 import os
 import os.path as osp
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.logging import MessageHub, print_log
 from torch import nn
+
+from .losses import tv_prior_loss
 
 SYNTH_FILE = 'synthetic_images.pth'
 GRID_FILE = 'synthetic_grid.png'
@@ -116,6 +119,132 @@ def load_images(out_dir: str) -> dict:
     path = out_dir if out_dir.endswith('.pth') else osp.join(
         out_dir, SYNTH_FILE)
     return safe_torch_load(path)
+
+
+# --------------------------------------------------------------------------
+# shared pieces of the synthesizers
+# --------------------------------------------------------------------------
+def parse_components(name: str, known: Sequence[str], components,
+                     counted: Optional[Sequence[str]] = None
+                     ) -> Dict[str, bool]:
+    """On/off switches of a method's loss terms, ``{component: bool}``.
+
+    Args:
+        name: the method, prefix of the error messages.
+        known: its components, in the order of the returned dict.
+        components: None (all on); a dict ``{name: on}`` (missing names stay
+            on); or a list / tuple / set of the names that are on (the
+            others off).
+        counted: the components of which at least one must be on (default
+            all of ``known``).  When it leaves some out, those alone leave
+            nothing to optimise, and the error says so.
+
+    Raises:
+        ValueError: ``unknown component 'x'; known components: a, b, ...``
+            for a name not in ``known``; ``all components are switched off``
+            when none of ``counted`` is on.
+    """
+    out = {k: True for k in known}
+    if isinstance(components, (list, tuple, set)):
+        # a list of names: exactly those are on
+        out = {k: False for k in known}
+        components = {k: True for k in components}
+    for k, v in dict(components or {}).items():
+        if k not in out:
+            raise ValueError(
+                f'{name}: unknown component {k!r}; known components: '
+                f'{", ".join(known)}')
+        out[k] = bool(v)
+    counted = known if counted is None else counted
+    if not any(out[k] for k in counted):
+        why = '' if set(counted) == set(known) else '; nothing to optimise'
+        raise ValueError(f'{name}: all components are switched off '
+                         f'({", ".join(known)}){why}')
+    return out
+
+
+def warmup_cosine_lr(it: int, lr: float, warmup_iters: int,
+                     iterations: int) -> float:
+    """Learning rate of iteration ``it`` (0-based) of ``iterations``: linear
+    warm-up to ``lr`` over ``warmup_iters`` iterations, then cosine decay
+    to 0."""
+    w, T = warmup_iters, iterations
+    if it < w:
+        return lr * (it + 1) / w
+    if T <= w:
+        return lr
+    return lr * 0.5 * (1 + math.cos(math.pi * (it - w) / (T - w)))
+
+
+def roll_flip(x: torch.Tensor, generator: torch.Generator, jitter: int,
+              flip: bool) -> torch.Tensor:
+    """Random roll of ``(N, C, H, W)`` by up to ``jitter`` px in both axes,
+    then a horizontal flip with p=0.5 (differentiable, nothing to undo).
+
+    Draws from ``generator`` in this order: the two shifts (only when
+    ``jitter > 0``), then the flip (only when ``flip``); the synthesizers'
+    images for a seed depend on this order.
+    """
+    if jitter > 0:
+        dx, dy = torch.randint(-jitter, jitter + 1, (2, ),
+                               generator=generator).tolist()
+        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    if flip and torch.rand((), generator=generator).item() < 0.5:
+        x = torch.flip(x, dims=(3, ))
+    return x
+
+
+class PixelAdamMixin:
+    """PSAQ-ViT's pixel-optimisation recipe, reused by SPDFQ.
+
+    Provides the settings (:meth:`_init_pixel_adam`), the learning rate of
+    an iteration (:meth:`lr_at`: warm-up + cosine), the augmentation
+    (:meth:`augment`: roll jitter + flip) and the TV prior with a random
+    target (:meth:`tv_prior`).  Mix in before :class:`BaseSynthesizer`
+    (one progress-bar step per iteration).
+    """
+
+    def _init_pixel_adam(self, lr: float, betas: Tuple[float, float],
+                         warmup_iters: Optional[int], jitter: int,
+                         flip: bool, tv_weight: float,
+                         tau_range: Tuple[float, float],
+                         tau_ref_pixels: int) -> None:
+        """Store the recipe's settings; ``warmup_iters`` None means
+        ``min(100, iterations // 5)`` (call after ``BaseSynthesizer``'s
+        ``__init__``, which sets ``iterations``)."""
+        self.lr = float(lr)
+        self.betas = tuple(betas)
+        self.warmup_iters = (min(100, self.iterations // 5)
+                             if warmup_iters is None else int(warmup_iters))
+        self.jitter = int(jitter)
+        self.flip = bool(flip)
+        self.tv_weight = float(tv_weight)
+        self.tau_range = tuple(tau_range)
+        self.tau_ref_pixels = int(tau_ref_pixels)
+
+    def lr_at(self, it: int) -> float:
+        """Learning rate of iteration ``it`` (0-based): warm-up + cosine
+        (:func:`warmup_cosine_lr`)."""
+        return warmup_cosine_lr(it, self.lr, self.warmup_iters,
+                                self.iterations)
+
+    def augment(self, x: torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+        """Random roll jitter and horizontal flip (differentiable,
+        :func:`roll_flip`)."""
+        return roll_flip(x, generator, self.jitter, self.flip)
+
+    def tv_prior(self, x: torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
+        """:func:`~dfq_dense.synth.losses.tv_prior_loss` of ``x`` with the
+        recipe's weight and random target (already weighted)."""
+        return tv_prior_loss(x, weight=self.tv_weight,
+                             tau_range=self.tau_range,
+                             ref_pixels=self.tau_ref_pixels,
+                             generator=generator)
+
+    def _bar_steps(self) -> int:
+        return max(1, self.iterations)
 
 
 # --------------------------------------------------------------------------
@@ -223,6 +352,27 @@ class BaseSynthesizer:
     @property
     def num_batches(self) -> int:
         return math.ceil(self.num_images / self.batch_size)
+
+    def _init_pixels(self, n: int, hw: Tuple[int, int], device,
+                     generator: torch.Generator):
+        """Starting pixels of an optimised batch: ``x ~ N(0, 1)`` ``(n, 3,
+        H, W)`` drawn from the CPU ``generator`` (the same start for a seed
+        on any device), clamped to the valid range, requiring grad.
+
+        Returns:
+            ``(x, mean, std)``, mean/std on ``device`` for later clamps.
+        """
+        H, W = hw
+        mean, std = self.mean.to(device), self.std.to(device)
+        x = torch.randn((n, 3, H, W), generator=generator).to(device)
+        x = clamp_to_range(x, mean, std).requires_grad_(True)
+        return x, mean, std
+
+    def _log_due(self, it: int, total: int) -> bool:
+        """Log iteration ``it`` (0-based) of ``total``: every
+        ``log_interval``-th, the first and the last."""
+        return (it + 1) % self.log_interval == 0 or it == 0 or \
+            it + 1 == total
 
     # ------------------------------------------------------------------ api
     def generate(self,

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import MODELS
-from .base import BaseSynthesizer, clamp_to_range, get_backbone
+from .base import (BaseSynthesizer, clamp_to_range, get_backbone,
+                   parse_components, roll_flip)
 from .distill import StudentStep
 from .feature_targets import RandomProjectionHead, random_hard_targets
 from .losses import tv_prior_loss
@@ -378,7 +379,11 @@ class MimiQ(BaseSynthesizer):
                          img_size=img_size, iterations=iterations, seed=seed,
                          log_interval=log_interval, progress=progress,
                          device=device)
-        self.components = self._parse_components(components)
+        # 'distill' changes the student, not the images: alone it leaves
+        # nothing to synthesise with
+        self.components = parse_components(
+            'MimiQ', self.COMPONENTS, components,
+            counted=('head_similarity', 'pseudo_label', 'tv'))
         self.lr = float(lr)
         self.min_lr = float(min_lr)
         self.betas = tuple(betas)
@@ -425,25 +430,6 @@ class MimiQ(BaseSynthesizer):
         self.student_step.run(teacher, student, images)
         return images
 
-    @classmethod
-    def _parse_components(cls, components) -> Dict[str, bool]:
-        out = {k: True for k in cls.COMPONENTS}
-        if isinstance(components, (list, tuple, set)):
-            # a list of names: exactly those are on
-            out = {k: False for k in cls.COMPONENTS}
-            components = {k: True for k in components}
-        for k, v in dict(components or {}).items():
-            if k not in out:
-                raise ValueError(
-                    f'MimiQ: unknown component {k!r}; known components: '
-                    f'{", ".join(cls.COMPONENTS)}')
-            out[k] = bool(v)
-        if not any(v for k, v in out.items() if k != 'distill'):
-            raise ValueError('MimiQ: all components are switched off '
-                             f'({", ".join(cls.COMPONENTS)}); nothing to '
-                             'optimise')
-        return out
-
     def check_model(self, model):
         """MimiQ hooks Swin window attention: fail early without it."""
         super().check_model(model)
@@ -469,13 +455,7 @@ class MimiQ(BaseSynthesizer):
         """Roll jitter, horizontal flip, colour jitter, noise
         (differentiable; random draws from ``generator``, the noise from
         ``noise_generator``, a generator on ``x``'s device)."""
-        j = self.jitter_at(it)
-        if j > 0:
-            dx, dy = torch.randint(-j, j + 1, (2, ),
-                                   generator=generator).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-        if self.flip and torch.rand((), generator=generator).item() < 0.5:
-            x = torch.flip(x, dims=(3, ))
+        x = roll_flip(x, generator, self.jitter_at(it), self.flip)
         n = x.shape[0]
         if self.color_jitter > 0:
             c = self.color_jitter
@@ -507,11 +487,8 @@ class MimiQ(BaseSynthesizer):
     # ------------------------------------------------------------ synthesis
     def synthesize_batch(self, backbone, n, hw, device, generator,
                          batch_idx=0, bar=None):
-        H, W = hw
         comp = self.components
-        mean, std = self.mean.to(device), self.std.to(device)
-        x = torch.randn((n, 3, H, W), generator=generator).to(device)
-        x = clamp_to_range(x, mean, std).requires_grad_(True)
+        x, mean, std = self._init_pixels(n, hw, device, generator)
         targets = random_hard_targets(n, self.num_classes,
                                       generator).to(device)
         noise_gen = None
@@ -553,8 +530,7 @@ class MimiQ(BaseSynthesizer):
                 with torch.no_grad():
                     x.copy_(clamp_to_range(x, mean, std))
                 self._bar_update(bar)
-                if (it + 1) % self.log_interval == 0 or it == 0 or \
-                        it + 1 == self.iterations:
+                if self._log_due(it, self.iterations):
                     self._log(batch_idx, it, opt.param_groups[0]['lr'], loss,
                               loss_hs, loss_ce, loss_tv)
         finally:

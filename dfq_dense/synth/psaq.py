@@ -6,19 +6,19 @@ attention of the backbone, the within-window patch similarity of the
 attention output has maximal entropy (diverse, "natural" patch structure),
 plus a total-variation prior.
 """
-import math
 from typing import Optional, Tuple
 
 import torch
 
 from ..registry import MODELS
-from .base import BaseSynthesizer, clamp_to_range, get_backbone
+from .base import (BaseSynthesizer, PixelAdamMixin, clamp_to_range,
+                   get_backbone)
 from .hooks import AttnOutputRecorder
-from .losses import TAU_REF_PIXELS, psaq_entropy_loss, tv_prior_loss
+from .losses import TAU_REF_PIXELS, psaq_entropy_loss
 
 
 @MODELS.register_module()
-class PSAQViT(BaseSynthesizer):
+class PSAQViT(PixelAdamMixin, BaseSynthesizer):
     """Patch-Similarity-Aware data-free synthesis (PSAQ-ViT V1) for Swin.
 
     Per batch: ``x ~ N(0, 1)`` ``(n, 3, H, W)`` (normalised space), Adam on the
@@ -33,6 +33,8 @@ class PSAQViT(BaseSynthesizer):
     on the un-jittered ``x`` (the roll would add a wrap-around seam).
     Learning rate: linear warm-up over ``min(100, iterations // 5)``
     iterations (unless ``warmup_iters`` is given) then cosine decay to 0.
+    Schedule, augmentation and TV prior come from
+    :class:`~dfq_dense.synth.base.PixelAdamMixin` (SPDFQ uses them too).
 
     Args (beyond :class:`BaseSynthesizer`):
         lr, betas: Adam settings (0.25, (0.5, 0.9)).
@@ -72,16 +74,9 @@ class PSAQViT(BaseSynthesizer):
                          img_size=img_size, iterations=iterations, seed=seed,
                          log_interval=log_interval, progress=progress,
                          device=device)
-        self.lr = float(lr)
-        self.betas = tuple(betas)
-        self.warmup_iters = (min(100, self.iterations // 5)
-                             if warmup_iters is None else int(warmup_iters))
-        self.jitter = int(jitter)
-        self.flip = bool(flip)
+        self._init_pixel_adam(lr, betas, warmup_iters, jitter, flip,
+                              tv_weight, tau_range, tau_ref_pixels)
         self.entropy_weight = float(entropy_weight)
-        self.tv_weight = float(tv_weight)
-        self.tau_range = tuple(tau_range)
-        self.tau_ref_pixels = int(tau_ref_pixels)
         self.bandwidth = float(bandwidth)
         self.num_points = int(num_points)
         self.max_samples = max_samples
@@ -91,37 +86,10 @@ class PSAQViT(BaseSynthesizer):
         super().check_model(model)
         AttnOutputRecorder(get_backbone(model)).remove()
 
-    # ------------------------------------------------------------- schedule
-    def lr_at(self, it: int) -> float:
-        """Learning rate of iteration ``it`` (0-based)."""
-        w, T = self.warmup_iters, self.iterations
-        if it < w:
-            return self.lr * (it + 1) / w
-        if T <= w:
-            return self.lr
-        return self.lr * 0.5 * (1 + math.cos(math.pi * (it - w) / (T - w)))
-
-    def augment(self, x: torch.Tensor,
-                generator: torch.Generator) -> torch.Tensor:
-        """Random roll jitter and horizontal flip (differentiable)."""
-        if self.jitter > 0:
-            dx, dy = torch.randint(-self.jitter, self.jitter + 1, (2, ),
-                                   generator=generator).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-        if self.flip and torch.rand((), generator=generator).item() < 0.5:
-            x = torch.flip(x, dims=(3, ))
-        return x
-
-    def _bar_steps(self) -> int:
-        return max(1, self.iterations)
-
     # ------------------------------------------------------------ synthesis
     def synthesize_batch(self, backbone, n, hw, device, generator,
                          batch_idx=0, bar=None):
-        H, W = hw
-        mean, std = self.mean.to(device), self.std.to(device)
-        x = torch.randn((n, 3, H, W), generator=generator).to(device)
-        x = clamp_to_range(x, mean, std).requires_grad_(True)
+        x, mean, std = self._init_pixels(n, hw, device, generator)
         opt = torch.optim.Adam([x], lr=self.lr, betas=self.betas)
         with AttnOutputRecorder(backbone) as rec:
             for it in range(self.iterations):
@@ -136,17 +104,14 @@ class PSAQViT(BaseSynthesizer):
                     num_points=self.num_points, max_samples=self.max_samples,
                     generator=generator, return_per_layer=True)
                 rec.clear()
-                loss_tv = tv_prior_loss(
-                    x, weight=self.tv_weight, tau_range=self.tau_range,
-                    ref_pixels=self.tau_ref_pixels, generator=generator)
+                loss_tv = self.tv_prior(x, generator)
                 loss = self.entropy_weight * loss_ent + loss_tv
                 loss.backward()
                 opt.step()
                 with torch.no_grad():
                     x.copy_(clamp_to_range(x, mean, std))
                 self._bar_update(bar)
-                if (it + 1) % self.log_interval == 0 or it == 0 or \
-                        it + 1 == self.iterations:
+                if self._log_due(it, self.iterations):
                     self.log_terms(dict(
                         batch=batch_idx, iter=it + 1,
                         lr=opt.param_groups[0]['lr'], loss=loss.item(),

@@ -15,12 +15,13 @@ from mmengine.logging import MessageHub, print_log
 from torch import nn
 
 from ..registry import MODELS
-from .base import clamp_to_range, get_backbone, get_mean_std
+from .base import (clamp_to_range, get_backbone, get_mean_std,
+                   parse_components, warmup_cosine_lr)
 from .distill import (MEASURES, StudentStep, adapted_modules, add_scalars,
                       extract_features, feature_discrepancy, frozen_modules,
                       mean_discrepancy)
 from .hooks import AttnOutputRecorder
-from .losses import psaq_entropy_loss, tv_prior_loss
+from .losses import psaq_entropy_loss
 from .psaq import PSAQViT
 
 __all__ = ['PSAQViTV2']
@@ -149,7 +150,8 @@ class PSAQViTV2(PSAQViT):
         super().__init__(num_images=num_images, batch_size=batch_size,
                          img_size=img_size, iterations=iterations, seed=seed,
                          log_interval=log_interval, **kwargs)
-        self.components = self._parse_components(components)
+        self.components = parse_components('PSAQViTV2', self.COMPONENTS,
+                                           components)
         if int(rounds) < 0 or int(sample_iters) < 0:
             raise ValueError('PSAQViTV2: rounds and sample_iters must be '
                              '>= 0')
@@ -183,28 +185,12 @@ class PSAQViTV2(PSAQViT):
             log_interval=max(1, self.log_interval // 5),
             name='PSAQViTV2/student')
 
-    @classmethod
-    def _parse_components(cls, components) -> Dict[str, bool]:
-        out = {k: True for k in cls.COMPONENTS}
-        if isinstance(components, (list, tuple, set)):
-            out = {k: False for k in cls.COMPONENTS}
-            components = {k: True for k in components}
-        for k, v in dict(components or {}).items():
-            if k not in out:
-                raise ValueError(
-                    f'PSAQViTV2: unknown component {k!r}; known components: '
-                    f'{", ".join(cls.COMPONENTS)}')
-            out[k] = bool(v)
-        if not any(out.values()):
-            raise ValueError('PSAQViTV2: all components are switched off '
-                             f'({", ".join(cls.COMPONENTS)})')
-        return out
-
     # ------------------------------------------------------------- schedule
     def sample_lr_at(self, it: int) -> float:
-        """Sample-step learning rate: cosine from ``sample_lr`` towards 0."""
-        T = max(1, self.sample_iters)
-        return self.sample_lr * 0.5 * (1 + math.cos(math.pi * it / T))
+        """Sample-step learning rate: cosine from ``sample_lr`` towards 0
+        (:func:`~dfq_dense.synth.base.warmup_cosine_lr` without warm-up)."""
+        return warmup_cosine_lr(it, self.sample_lr, 0,
+                                max(1, self.sample_iters))
 
     # ------------------------------------------------------------------ api
     def adapt(self, teacher: nn.Module, student: nn.Module,
@@ -340,8 +326,7 @@ class PSAQViTV2(PSAQViT):
                                                   rec, generator, use_neck,
                                                   mean, std)
                         self._bar_update(bar)
-                        if (it + 1) % self.log_interval == 0 or it == 0 \
-                                or it + 1 == self.sample_iters:
+                        if self._log_due(it, self.sample_iters):
                             self._log_sample(round_idx, b, n_batches, it, lr,
                                              terms, hub)
                     pool[idx] = x.detach().cpu()
@@ -381,10 +366,7 @@ class PSAQViTV2(PSAQViT):
             loss = loss - self.disc_weight * loss_disc
         del t_feats
         if comp['tv']:
-            loss_tv = tv_prior_loss(x, weight=self.tv_weight,
-                                    tau_range=self.tau_range,
-                                    ref_pixels=self.tau_ref_pixels,
-                                    generator=generator)
+            loss_tv = self.tv_prior(x, generator)
             loss = loss + loss_tv
         if loss.requires_grad:
             loss.backward()

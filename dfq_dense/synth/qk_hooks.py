@@ -43,12 +43,12 @@ itself be a ``QuantLinear``: the hook then sees the quantized Linear's output,
 and the logits are recomputed in floating point, i.e. without the operand
 quantization of ``matmul1``).
 """
-from typing import Dict, List
+from typing import List
 
 import torch
 from torch import nn
 
-from .hooks import find_shift_window_msa, window_valid_mask
+from .hooks import _SwinAttnHooks
 
 __all__ = ['AttnLogitsRecorder', 'qk_logits']
 
@@ -73,7 +73,7 @@ def qk_logits(qkv: torch.Tensor, num_heads: int,
     return (q * scale) @ k.transpose(-2, -1)
 
 
-class AttnLogitsRecorder:
+class AttnLogitsRecorder(_SwinAttnHooks):
     """Record per-head window-attention logits (and probabilities) of Swin.
 
     Usable as a context manager (hooks removed on exit) or as a plain object
@@ -92,7 +92,8 @@ class AttnLogitsRecorder:
     ``window_size ** 2`` and windows are ordered row-major inside each image
     (images outermost), as in ``ShiftWindowMSA``.  The tensors keep their
     autograd graph.  Records accumulate across forwards; call :meth:`clear`
-    before a forward.
+    before a forward.  Set ``enabled = False`` to run forwards that are not
+    recorded.
 
     Args:
         backbone: mmdet/mmseg ``SwinTransformer`` (or any module containing
@@ -110,18 +111,10 @@ class AttnLogitsRecorder:
         if not (record_logits or record_probs):
             raise ValueError('AttnLogitsRecorder: record_logits and '
                              'record_probs are both False, nothing to record')
-        self.modules = find_shift_window_msa(backbone)
-        if not self.modules:
-            raise ValueError(
-                'AttnLogitsRecorder needs a Swin backbone with ShiftWindowMSA '
-                f'attention; found {type(backbone).__name__}')
+        super().__init__(backbone)
         self.record_logits = bool(record_logits)
         self.record_probs = bool(record_probs)
         self.average_heads_probs = bool(average_heads_probs)
-        self.records: List[Dict] = []
-        self._pending: Dict[int, Dict] = {}
-        self._mask_cache: Dict[tuple, torch.Tensor] = {}
-        self._handles = []
         for idx, (name, mod) in enumerate(self.modules):
             w_msa = mod.w_msa
             for attr in ('num_heads', 'scale') + (
@@ -132,7 +125,7 @@ class AttnLogitsRecorder:
                         f'AttnLogitsRecorder: {name}.w_msa '
                         f'({type(w_msa).__name__}) has no `{attr}`')
             self._handles.append(mod.register_forward_pre_hook(
-                self._make_open_hook(idx, name, mod), with_kwargs=True))
+                self._make_msa_hook(idx, name, mod), with_kwargs=True))
             if record_logits:
                 self._handles.append(w_msa.qkv.register_forward_hook(
                     self._make_qkv_hook(idx, w_msa)))
@@ -143,21 +136,16 @@ class AttnLogitsRecorder:
                 self._make_close_hook(idx)))
 
     # ------------------------------------------------------------------ hooks
-    def _make_open_hook(self, idx, name, msa):
-
-        def hook(module, args, kwargs):
-            query = args[0] if args else kwargs['query']
-            hw_shape = args[1] if len(args) > 1 else kwargs['hw_shape']
-            hw_shape = (int(hw_shape[0]), int(hw_shape[1]))
-            valid = self._valid(hw_shape, msa.window_size, msa.shift_size,
-                                query.device)  # (nW, N)
-            self._pending[idx] = dict(
-                name=name, hw_shape=hw_shape, shift_size=int(msa.shift_size),
-                num_heads=int(msa.w_msa.num_heads),
-                window_size=int(msa.window_size), b_img=int(query.shape[0]),
-                valid_win=valid)
-
-        return hook
+    def _open(self, name, msa, hw_shape, query):
+        """The record itself is the pending entry: the qkv and softmax hooks
+        fill it, the close hook appends it."""
+        valid = self._valid(hw_shape, msa.window_size, msa.shift_size,
+                            query.device)  # (nW, N)
+        return dict(
+            name=name, hw_shape=hw_shape, shift_size=int(msa.shift_size),
+            num_heads=int(msa.w_msa.num_heads),
+            window_size=int(msa.window_size), b_img=int(query.shape[0]),
+            valid_win=valid)
 
     def _reshape(self, t, rec, what):
         """``(B_img * nW, ...)`` -> ``(B_img, nW, ...)`` with a shape check."""
@@ -205,26 +193,7 @@ class AttnLogitsRecorder:
 
         return hook
 
-    def _valid(self, hw_shape, window_size, shift_size, device):
-        key = (hw_shape, int(window_size), int(shift_size), str(device))
-        if key not in self._mask_cache:
-            self._mask_cache[key] = window_valid_mask(
-                hw_shape, window_size, shift_size, device)
-        return self._mask_cache[key]
-
     # ------------------------------------------------------------------- api
-    def clear(self):
-        """Drop recorded tensors (call before every forward)."""
-        self.records = []
-        self._pending = {}
-
-    def remove(self):
-        """Remove all hooks and drop the records."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self.clear()
-
     def logits(self) -> List[torch.Tensor]:
         """The recorded ``logits`` tensors, in forward order."""
         return [r['logits'] for r in self.records]
@@ -232,13 +201,3 @@ class AttnLogitsRecorder:
     def probs(self) -> List[torch.Tensor]:
         """The recorded ``probs`` tensors, in forward order."""
         return [r['probs'] for r in self.records]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
-
-    def __len__(self):
-        return len(self.modules)

@@ -16,7 +16,6 @@ SPDFQ optimises the synthetic pixels with three terms:
 
 plus the TV prior of PSAQ-ViT.  :class:`SPDFQ` is the synthesizer.
 """
-import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -24,11 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import MODELS
-from .base import BaseSynthesizer, clamp_to_range, get_backbone
+from .base import (BaseSynthesizer, PixelAdamMixin, clamp_to_range,
+                   get_backbone)
 from .feature_targets import (RandomProjectionHead, random_hard_targets,
                               random_soft_targets, soft_cross_entropy)
-from .hooks import find_shift_window_msa, window_valid_mask
-from .losses import TAU_REF_PIXELS, tv_prior_loss
+from .hooks import _SwinAttnHooks
+from .losses import TAU_REF_PIXELS
 
 __all__ = [
     'AttnProbRecorder', 'gaussian_mixture_prior',
@@ -40,7 +40,7 @@ __all__ = [
 # --------------------------------------------------------------------------
 # recorder of the post-softmax window attention
 # --------------------------------------------------------------------------
-class AttnProbRecorder:
+class AttnProbRecorder(_SwinAttnHooks):
     """Record the post-softmax window attention of every Swin block.
 
     Hooks each ``ShiftWindowMSA`` (forward pre-hook: ``hw_shape`` and the
@@ -72,17 +72,8 @@ class AttnProbRecorder:
     """
 
     def __init__(self, backbone: nn.Module):
-        self.modules = find_shift_window_msa(backbone)
-        if not self.modules:
-            raise ValueError(
-                'AttnProbRecorder needs a Swin backbone with ShiftWindowMSA '
-                f'attention; found {type(backbone).__name__}')
+        super().__init__(backbone)
         self.num_blocks = len(self.modules)
-        self.enabled = True
-        self.records: List[Dict] = []
-        self._pending: Dict[int, Tuple[Tuple[int, int], int]] = {}
-        self._mask_cache: Dict[tuple, torch.Tensor] = {}
-        self._handles = []
         for idx, (name, mod) in enumerate(self.modules):
             softmax = getattr(mod.w_msa, 'softmax', None)
             if not isinstance(softmax, nn.Module):
@@ -90,7 +81,7 @@ class AttnProbRecorder:
                     f'{name}.w_msa ({type(mod.w_msa).__name__}) has no '
                     '`softmax` module to hook')
             self._handles.append(mod.register_forward_pre_hook(
-                self._make_msa_hook(idx), with_kwargs=True))
+                self._make_msa_hook(idx, name, mod), with_kwargs=True))
             self._handles.append(softmax.register_forward_hook(
                 self._make_softmax_hook(idx, name, mod)))
 
@@ -100,27 +91,15 @@ class AttnProbRecorder:
                 for _, m in self.modules]
 
     # ------------------------------------------------------------------ hooks
-    def _make_msa_hook(self, idx):
-
-        def hook(module, args, kwargs):
-            if not self.enabled:
-                return
-            query = args[0] if args else kwargs['query']
-            hw_shape = args[1] if len(args) > 1 else kwargs['hw_shape']
-            self._pending[idx] = ((int(hw_shape[0]), int(hw_shape[1])),
-                                  int(query.shape[0]))
-
-        return hook
-
     def _make_softmax_hook(self, idx, name, msa):
 
         def hook(module, args, out):
-            if not self.enabled or idx not in self._pending:
+            pending = (self._pop_pending(idx, msa, out.device)
+                       if self.enabled else None)
+            if pending is None:
                 return  # softmax called outside ShiftWindowMSA.forward
-            hw_shape, b_img = self._pending.pop(idx)
+            hw_shape, b_img, valid = pending  # valid: (nW, N)
             ws = int(msa.window_size)
-            valid = self._valid(hw_shape, ws, int(msa.shift_size),
-                                out.device)  # (nW, N)
             nw, n = valid.shape
             bnw, heads, n_q, n_k = out.shape
             assert n_q == n_k == n and bnw == b_img * nw, (
@@ -134,36 +113,6 @@ class AttnProbRecorder:
                      window_size=ws, num_heads=heads))
 
         return hook
-
-    def _valid(self, hw_shape, window_size, shift_size, device):
-        key = (hw_shape, window_size, shift_size, str(device))
-        if key not in self._mask_cache:
-            self._mask_cache[key] = window_valid_mask(
-                hw_shape, window_size, shift_size, device)
-        return self._mask_cache[key]
-
-    # ------------------------------------------------------------------- api
-    def clear(self):
-        """Drop the records (call before every forward)."""
-        self.records = []
-        self._pending = {}
-
-    def remove(self):
-        """Remove all hooks and drop the records."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
-
-    def __len__(self):
-        return self.num_blocks
 
 
 # --------------------------------------------------------------------------
@@ -420,7 +369,7 @@ def msr_crops(x: torch.Tensor,
 # synthesizer
 # --------------------------------------------------------------------------
 @MODELS.register_module()
-class SPDFQ(BaseSynthesizer):
+class SPDFQ(PixelAdamMixin, BaseSynthesizer):
     """SPDFQ / SARDFQ data-free synthesis for Swin backbones.
 
     Per batch of ``n`` images (everything random from the seeded generator,
@@ -488,8 +437,9 @@ class SPDFQ(BaseSynthesizer):
       crops (each its own mean, so the crops weigh as much as the images).
     * Optimiser / schedule: Adam ``lr=0.25``, ``betas=(0.5, 0.9)``, linear
       warm-up over ``min(100, iterations // 5)`` iterations then cosine to
-      0, and the roll / flip augmentation, as this repo's PSAQViT (the
-      reference gives only "Adam, 1000 iterations, 32 images").
+      0, and the roll / flip augmentation, as this repo's PSAQViT (both
+      from :class:`~dfq_dense.synth.base.PixelAdamMixin`; the reference
+      gives only "Adam, 1000 iterations, 32 images").
 
     Ablation: ``components=dict(apa=..., msr=..., soft_label=..., tv=...)``
     (missing keys default to True).  ``apa=False`` drops ``L_APA`` (and the
@@ -553,12 +503,8 @@ class SPDFQ(BaseSynthesizer):
                 f'{list(self.COMPONENTS)}')
         self.components = {k: bool(comps.get(k, True))
                            for k in self.COMPONENTS}
-        self.lr = float(lr)
-        self.betas = tuple(betas)
-        self.warmup_iters = (min(100, self.iterations // 5)
-                             if warmup_iters is None else int(warmup_iters))
-        self.jitter = int(jitter)
-        self.flip = bool(flip)
+        self._init_pixel_adam(lr, betas, warmup_iters, jitter, flip,
+                              tv_weight, tau_range, tau_ref_pixels)
         self.apa_weight = float(apa_weight)
         self.num_components = int(num_components)
         self.prior_sigma_range = tuple(prior_sigma_range)
@@ -570,9 +516,6 @@ class SPDFQ(BaseSynthesizer):
         self.num_classes = int(num_classes)
         self.soft_range = tuple(soft_range)
         self.label_weight = float(label_weight)
-        self.tv_weight = float(tv_weight)
-        self.tau_range = tuple(tau_range)
-        self.tau_ref_pixels = int(tau_ref_pixels)
         self.head = RandomProjectionHead(num_classes=self.num_classes,
                                          logit_scale=logit_scale,
                                          seed=self.seed)
@@ -584,30 +527,7 @@ class SPDFQ(BaseSynthesizer):
         super().check_model(model)
         AttnProbRecorder(get_backbone(model)).remove()
 
-    # ------------------------------------------------------------- schedule
-    def lr_at(self, it: int) -> float:
-        """Learning rate of iteration ``it`` (0-based): warm-up + cosine."""
-        w, T = self.warmup_iters, self.iterations
-        if it < w:
-            return self.lr * (it + 1) / w
-        if T <= w:
-            return self.lr
-        return self.lr * 0.5 * (1 + math.cos(math.pi * (it - w) / (T - w)))
-
-    def augment(self, x: torch.Tensor,
-                generator: torch.Generator) -> torch.Tensor:
-        """Random roll jitter and horizontal flip (differentiable)."""
-        if self.jitter > 0:
-            dx, dy = torch.randint(-self.jitter, self.jitter + 1, (2, ),
-                                   generator=generator).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-        if self.flip and torch.rand((), generator=generator).item() < 0.5:
-            x = torch.flip(x, dims=(3, ))
-        return x
-
-    def _bar_steps(self) -> int:
-        return max(1, self.iterations)
-
+    # --------------------------------------------------------------- targets
     def _targets(self, n: int, generator: torch.Generator) -> torch.Tensor:
         if self.components['soft_label']:
             lo, hi = self.soft_range
@@ -624,11 +544,8 @@ class SPDFQ(BaseSynthesizer):
     # ------------------------------------------------------------ synthesis
     def synthesize_batch(self, backbone, n, hw, device, generator,
                          batch_idx=0, bar=None):
-        H, W = hw
         comps = self.components
-        mean, std = self.mean.to(device), self.std.to(device)
-        x = torch.randn((n, 3, H, W), generator=generator).to(device)
-        x = clamp_to_range(x, mean, std).requires_grad_(True)
+        x, mean, std = self._init_pixels(n, hw, device, generator)
         rec = AttnProbRecorder(backbone)  # also checks the backbone
         if comps['apa']:
             priors = [
@@ -643,7 +560,7 @@ class SPDFQ(BaseSynthesizer):
         img_targets = self._targets(n, generator).to(device)
         boxes = crop_targets = None
         if comps['msr']:
-            boxes = msr_regions(n, (H, W), self.num_patches, generator,
+            boxes = msr_regions(n, hw, self.num_patches, generator,
                                 self.msr_grid, self.msr_split_jitter)
             crop_targets = self._targets(boxes.shape[0],
                                          generator).to(device)
@@ -687,9 +604,7 @@ class SPDFQ(BaseSynthesizer):
                 # 3. TV prior
                 loss_tv = zero
                 if comps['tv']:
-                    loss_tv = tv_prior_loss(
-                        x, weight=self.tv_weight, tau_range=self.tau_range,
-                        ref_pixels=self.tau_ref_pixels, generator=generator)
+                    loss_tv = self.tv_prior(x, generator)
                     loss_tv.backward()
                 loss_sl = loss_img + loss_crop
                 loss = (self.apa_weight * loss_apa +
@@ -699,8 +614,7 @@ class SPDFQ(BaseSynthesizer):
                 with torch.no_grad():
                     x.copy_(clamp_to_range(x, mean, std))
                 self._bar_update(bar)
-                if (it + 1) % self.log_interval == 0 or it == 0 or \
-                        it + 1 == self.iterations:
+                if self._log_due(it, self.iterations):
                     self._log(batch_idx, it, opt, loss, loss_apa, loss_sl,
                               loss_img, loss_crop, loss_tv)
         finally:
