@@ -142,6 +142,8 @@ class DFQTestLoop(TestLoop):
             try:
                 self.synthesizer = build(MODELS, self.synth_cfg)
                 self.synthesizer.check_model(self._model)
+                # Loss terms also go to the config's visualizer backends.
+                self.synthesizer.visualizer = runner.visualizer
                 if not self.dfq.load_images and \
                         hasattr(self.synthesizer, 'select_files'):
                     self.synthesizer.select_files()  # real images exist?
@@ -294,7 +296,6 @@ class DFQTestLoop(TestLoop):
                       f'{source} ({synth_cfg.get("type")})', logger='current')
             self.report['images_from'] = source
         elif get_rank() == 0:
-            self.synthesizer.visualizer = self.runner.visualizer
             images = self.synthesizer.generate(model)
             save_images(images, model.data_preprocessor.mean,
                         model.data_preprocessor.std, out_dir,
