@@ -306,3 +306,32 @@ def test_same_seed_same_images_and_metrics(tmp_path, demo_data_root):
     assert out[0][2].keys() == out[1][2].keys()
     for key, value in out[0][2].items():
         assert torch.equal(value, out[1][2][key]), key
+
+
+def test_fragments_compose_in_one_line(tmp_path):
+    """Swapping the data source, the quantizer setting or the bits is one
+    line of a config; the first/last-layer fragment adds to any of them."""
+    cfg = tmp_path / 'compose.py'
+    cfg.write_text(
+        "_base_ = [\n"
+        f"    '{REPO}/configs/upernet_swin_t_w8a8.py',\n"
+        f"    '{REPO}/configs/_base_/bits/first_last_8bit.py',\n"
+        "]\n"
+        "dfq = dict(quantizer=dict(_delete_=True, **_base_.dfq_quantizer,\n"
+        "                          **_base_.dfq_bits, "
+        "**_base_.dfq_first_last))\n")
+    dfq = parse_dfq_config(Config.fromfile(str(cfg)).dfq)
+    assert dfq.quantizer.first_last_bits == 8
+    assert dfq.quantizer.w_bits == 8 and dfq.synthesizer.type == 'PSAQViT'
+    for method, expected in [('mimiq', 'MimiQ'), ('spdfq', 'SPDFQ'),
+                             ('psaq_vit_v2', 'PSAQViTV2'),
+                             ('real_images', 'RealImages'),
+                             ('gaussian_noise', 'GaussianNoise')]:
+        text = open(osp.join(REPO, 'configs/upernet_swin_t_w4a4.py')).read()
+        text = text.replace('methods/psaq_vit.py', f'methods/{method}.py')
+        text = text.replace("'./_base_/", f"'{REPO}/configs/_base_/")
+        path = tmp_path / f'{method}.py'
+        path.write_text(text)
+        dfq = parse_dfq_config(Config.fromfile(str(path)).dfq)
+        assert dfq.synthesizer.type == expected
+        assert dfq.quantizer.reparam and dfq.quantizer.a_bits == 4
