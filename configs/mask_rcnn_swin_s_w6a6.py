@@ -2,15 +2,14 @@ _base_ = [
     'mmdet::swin/mask-rcnn_swin-s-p4-w7_fpn_amp-ms-crop-3x_coco.py',
     './_base_/dfq_runtime.py',
     './_base_/methods/psaq_vit.py',  # data source
-    './_base_/quantizers/repq.py',  # quantizer setting
+    './_base_/quantizers/naive.py',  # quantizer setting
     './_base_/bits/w6a6.py',  # bits
 ]
 # Model-zoo checkpoint (FP COCO val2017 box AP 48.2, mask AP 43.2).
 # Offline: download it and pass its path as
 # CHECKPOINT to tools/dfq_test.py.
 load_from = 'https://download.openmmlab.com/mmdetection/v2.0/swin/mask_rcnn_swin-s-p4-w7_fpn_fp16_ms-crop-3x_coco/mask_rcnn_swin-s-p4-w7_fpn_fp16_ms-crop-3x_coco_20210903_104808-b92c91f1.pth'  # noqa
-# RepQ-ViT-style quantizer: naive min/max collapses at 6 and 4-bit
-# activations (swap in ./_base_/quantizers/naive.py to see it).
+# Naive min/max: the best W6A6 setting on the demo (README, quantizer table).
 test_cfg = dict(type='dfq_dense.DFQTestLoop')
 dfq = dict(
     synthesizer=_base_.dfq_synthesizer,

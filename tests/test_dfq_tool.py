@@ -133,9 +133,10 @@ def _json(path):
 def test_save_and_load_quantized_identical_metrics(tmp_path, demo_data_root):
     """A RepQ-style W4A4 run writes quant_params.pth; --load-quantized
     rebuilds the model without synthesis or calibration: same metrics."""
-    cfg = osp.join(REPO, 'configs/upernet_swin_t_w4a4.py')
+    from dfq_dense.report import load_fragment
     demo = osp.join(REPO, 'configs/demo/upernet_swin_demo_w8a8.py')
-    quant = Config.fromfile(cfg).dfq.quantizer.to_dict()
+    quant = dict(load_fragment('quantizers', 'repq', 'dfq_quantizer'),
+                 **load_fragment('bits', 'w4a4', 'dfq_bits'))
     opts = ['test_dataloader.dataset.indices=12',
             'dfq.synthesizer.num_images=2', 'dfq.synthesizer.batch_size=2',
             'dfq.synthesizer.iterations=2']
@@ -334,4 +335,5 @@ def test_fragments_compose_in_one_line(tmp_path):
         path.write_text(text)
         dfq = parse_dfq_config(Config.fromfile(str(path)).dfq)
         assert dfq.synthesizer.type == expected
-        assert dfq.quantizer.reparam and dfq.quantizer.a_bits == 4
+        assert dfq.quantizer.a_bits == 4
+        assert dfq.quantizer.act.observer.type == 'PercentileObserver'
