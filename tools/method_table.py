@@ -60,29 +60,18 @@ MODELS = {
 
 
 def markdown(table, methods, bits, models, quantizer):
-    from dfq_dense.report import fmt_metric
-    lines = []
+    from dfq_dense.report import fmt_metric, grid_markdown
+    parts = []
     for model in models:
         name, keys = MODELS[model]
         entry = table[model]
-        head = ' / '.join(k.split('/')[-1] for k in keys)
-        lines.append(f'**{name}** ({head}; quantizer `{quantizer}`)')
-        lines.append('')
-        lines.append('| data source | ' + ' | '.join(
-            b.upper() for b in bits) + ' |')
-        lines.append('|---|' + '---|' * len(bits))
         fp = ' / '.join(fmt_metric(k, entry['fp'][k]) for k in keys)
-        lines.append('| FP (no quantization) | ' + ' | '.join(
-            [fp] * len(bits)) + ' |')
-        for m in methods:
-            cells = []
-            for b in bits:
-                res = entry['cells'].get(f'{m}_{b}')
-                cells.append('n/a' if res is None else ' / '.join(
-                    fmt_metric(k, res[k]) for k in keys))
-            lines.append(f'| {METHODS[m][0]} | ' + ' | '.join(cells) + ' |')
-        lines.append('')
-    return '\n'.join(lines).rstrip() + '\n'
+        head = ' / '.join(k.split('/')[-1] for k in keys)
+        parts.append(grid_markdown(
+            name, f'{head}; quantizer `{quantizer}`', 'data source',
+            [(m, METHODS[m][0]) for m in methods], bits, keys,
+            entry['cells'], fixed_rows=[('FP (no quantization)', fp)]))
+    return '\n'.join(parts)
 
 
 def main(argv=None):

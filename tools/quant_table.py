@@ -37,27 +37,17 @@ MODELS = {
 
 
 def markdown(table, settings, bits, models):
-    from dfq_dense.report import fmt_metric as fmt
-    lines = []
+    from dfq_dense.report import fmt_metric, grid_markdown
+    parts = []
     for model in models:
         name, keys = MODELS[model]
-        fp = table[model]['fp']
+        fp = ' / '.join(fmt_metric(k, table[model]['fp'][k]) for k in keys)
         head = ' / '.join(k.split('/')[-1] for k in keys)
-        lines.append(f'**{name}** ({head}; FP '
-                     + ' / '.join(fmt(k, fp[k]) for k in keys) + ')')
-        lines.append('')
-        lines.append('| quantizer setting | ' + ' | '.join(
-            b.upper() for b in bits) + ' |')
-        lines.append('|---|' + '---|' * len(bits))
-        for s in settings:
-            cells = []
-            for b in bits:
-                m = table[model]['cells'].get(f'{s}_{b}')
-                cells.append('n/a' if m is None else ' / '.join(
-                    fmt(k, m[k]) for k in keys))
-            lines.append(f'| {SETTINGS[s]} | ' + ' | '.join(cells) + ' |')
-        lines.append('')
-    return '\n'.join(lines).rstrip() + '\n'
+        parts.append(grid_markdown(
+            name, f'{head}; FP {fp}', 'quantizer setting',
+            [(s, SETTINGS[s]) for s in settings], bits, keys,
+            table[model]['cells']))
+    return '\n'.join(parts)
 
 
 def main(argv=None):

@@ -54,3 +54,25 @@ def replace_readme_section(name, text, path=osp.join(ROOT, 'README.md')):
     with atomic_path(path, '.md') as tmp:
         with open(tmp, 'w') as f:
             f.write(head + start + '\n' + text + end + tail)
+
+
+def grid_markdown(title, note, corner, rows, bits, keys, cells,
+                  fixed_rows=()):
+    """One markdown table: ``**title** (note)``, then a row per ``(row_key,
+    label)`` of ``rows`` and a column per bit setting; the cell of row
+    ``r`` and bits ``b`` is ``cells['<r>_<b>']`` (a dict of metrics), its
+    ``keys`` joined with ' / ' ('n/a' when missing).  ``fixed_rows`` are
+    ``(label, text)`` rows put first with the same text in every column."""
+    lines = [f'**{title}** ({note})', '',
+             f'| {corner} | ' + ' | '.join(b.upper() for b in bits) + ' |',
+             '|---|' + '---|' * len(bits)]
+    for label, text in fixed_rows:
+        lines.append(f'| {label} | ' + ' | '.join([text] * len(bits)) + ' |')
+    for row, label in rows:
+        out = []
+        for b in bits:
+            m = cells.get(f'{row}_{b}')
+            out.append('n/a' if m is None else ' / '.join(
+                fmt_metric(k, m[k]) for k in keys))
+        lines.append(f'| {label} | ' + ' | '.join(out) + ' |')
+    return '\n'.join(lines) + '\n'
