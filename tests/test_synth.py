@@ -15,22 +15,7 @@ from dfq_dense.synth import (AttnOutputRecorder, GaussianNoise, PSAQViT,
                              window_valid_mask)
 from dfq_dense.synth.losses import TAU_REF_PIXELS
 
-MEAN = [123.675, 116.28, 103.53]
-STD = [58.395, 57.12, 57.375]
-
-
-class TinyModel(torch.nn.Module):
-
-    def __init__(self, seed=0):
-        super().__init__()
-        from mmdet.models.backbones import SwinTransformer
-        from mmdet.models.data_preprocessors import DetDataPreprocessor
-        torch.manual_seed(seed)
-        self.backbone = SwinTransformer(
-            embed_dims=24, depths=[2, 2], num_heads=[2, 4], strides=(4, 2),
-            out_indices=(0, 1), window_size=7)
-        self.data_preprocessor = DetDataPreprocessor(
-            mean=MEAN, std=STD, bgr_to_rgb=True)
+from tiny_models import MEAN, STD, TinyModel
 
 
 @pytest.fixture(scope='module')

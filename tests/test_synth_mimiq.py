@@ -16,8 +16,8 @@ from dfq_dense.synth import (AttnLogitsRecorder, MimiQ, RealImages,
                              total_variation, valid_range)
 from dfq_dense.synth.hooks import find_shift_window_msa
 
-MEAN = [123.675, 116.28, 103.53]
-STD = [58.395, 57.12, 57.375]
+from tiny_models import MEAN, STD
+from tiny_models import TinyModel as _TinyModel
 
 
 def _swin(lib='mmdet', seed=0):
@@ -32,14 +32,12 @@ def _swin(lib='mmdet', seed=0):
     return bb
 
 
-class TinyModel(torch.nn.Module):
+class TinyModel(_TinyModel):
+    """The shared tiny model with its backbone in eval mode."""
 
     def __init__(self, seed=0):
-        super().__init__()
-        from mmdet.models.data_preprocessors import DetDataPreprocessor
-        self.backbone = _swin('mmdet', seed)
-        self.data_preprocessor = DetDataPreprocessor(
-            mean=MEAN, std=STD, bgr_to_rgb=True)
+        super().__init__(seed)
+        self.backbone.eval()  # SwinTransformer.train() returns None
 
 
 @pytest.fixture(scope='module')

@@ -16,26 +16,7 @@ from dfq_dense.synth import (PSAQViT, PSAQViTV2, StudentStep,
                              mean_discrepancy, valid_range)
 from dfq_dense.synth.distill import trainable_scales
 
-MEAN = [123.675, 116.28, 103.53]
-STD = [58.395, 57.12, 57.375]
-
-
-class TinyModel(nn.Module):
-
-    def __init__(self, seed=0, neck=False):
-        super().__init__()
-        from mmdet.models.backbones import SwinTransformer
-        from mmdet.models.data_preprocessors import DetDataPreprocessor
-        torch.manual_seed(seed)
-        self.backbone = SwinTransformer(
-            embed_dims=24, depths=[2, 2], num_heads=[2, 4], strides=(4, 2),
-            out_indices=(0, 1), window_size=7)
-        if neck:
-            from mmdet.models.necks import FPN
-            self.neck = FPN(in_channels=[24, 48], out_channels=16,
-                            num_outs=2)
-        self.data_preprocessor = DetDataPreprocessor(
-            mean=MEAN, std=STD, bgr_to_rgb=True)
+from tiny_models import MEAN, STD, TinyModel
 
 
 def _eval(model):
