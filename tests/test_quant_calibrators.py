@@ -197,9 +197,18 @@ def test_percentile_bounded_deterministic_sample():
     for _ in range(3):
         a.observe(x)
         b.observe(x)
-    assert a.samples.shape == (1, 100)
-    assert torch.equal(a.samples, b.samples)
-    assert float(a.samples.min()) == 0 and float(a.samples.max()) == 999
+    assert a.samples.shape == (1, 100) and a.keys.shape == (100, )
+    assert torch.equal(a.samples, b.samples) and torch.equal(a.keys, b.keys)
+    assert (a.keys[1:] > a.keys[:-1]).all()  # canonical order: by key
+    # the sample is drawn from the data; min / max / tails stay exact
+    assert set(a.samples.reshape(-1).tolist()) <= set(range(1000))
+    assert [float(v) for v in a.min_max()] == [0.0, 999.0]
+    assert a.count == 3000
+    lo, hi = a.compute_range(False)
+    data = np.concatenate([np.arange(1000.0)] * 3)
+    assert float(hi) == np.float32(np.percentile(data, 99.0))
+    assert float(lo) == np.float32(np.percentile(data, 1.0))
+    assert a.estimated == []
 
 
 @pytest.mark.parametrize('bad', [0, -1, 100.5, 1000])

@@ -230,8 +230,14 @@ def test_observer_sync_all_reduces_min_and_max(monkeypatch):
     calls = []
 
     def fake_all_reduce(t, op='sum', group=None):
+        if t.dtype == torch.int64:
+            # per-channel observers first agree on the channel count
+            assert op == 'max'
+            calls.append('count')
+            return
         calls.append(op)
-        peer = other[len(calls) % 2]  # 1st call: min, 2nd call: max
+        peer = other[len([c for c in calls if c != 'count']) % 2]
+        # 1st call: min, 2nd call: max
         if op == 'min':
             t.copy_(torch.minimum(t, peer))
         elif op == 'max':
@@ -265,5 +271,24 @@ def test_observer_sync_all_reduces_min_and_max(monkeypatch):
     w(torch.tensor([[1.0, -1.0], [0.5, 0.25]]))
     other[1], other[0] = torch.tensor([0.0, -3.0]), torch.tensor([2.0, 0.0])
     w.finish_calibration()
-    assert calls == ['min', 'max']
+    assert calls == ['count', 'min', 'max']
     assert torch.allclose(w.scale, torch.tensor([2.0, 3.0]) / 7.5)
+
+    # a per-channel observer on a rank that had no calibration batch
+    calls.clear()
+    a = Quantizer(bits=8, symmetric=False, granularity='channel', ch_axis=1)
+    a.enable_calibration()
+    a.observer.sync = type(a.observer).sync.__get__(a.observer)
+
+    def count_is_two(t, op='sum', group=None):
+        if t.dtype == torch.int64:
+            t.fill_(2)  # the other rank saw 2 channels
+            return
+        calls.append(op)
+        t.copy_(torch.tensor([-1.0, -2.0]) if op == 'min'
+                else torch.tensor([1.0, 2.0]))
+
+    monkeypatch.setattr(obs_mod.dist, 'all_reduce', count_is_two)
+    a.finish_calibration()
+    assert calls == ['min', 'max'] and a.state == 'quantizing'
+    assert torch.allclose(a.scale, torch.tensor([2.0, 4.0]) / 255)

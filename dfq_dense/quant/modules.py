@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from mmengine.model.weight_init import trunc_normal_
 
 from ..registry import MODELS
+from .observers import replicated_observation
 from .quantizer import Quantizer, check_bits
 
 __all__ = [
@@ -101,9 +102,16 @@ class QuantWeightModule(nn.Module):
 
     @torch.no_grad()
     def observe_weight(self):
-        """Reset the weight observer and observe the current weight."""
-        self.weight_quantizer.observer.reset()
-        self.weight_quantizer.observer.observe(self.module.weight)
+        """Reset the weight observer and observe the current weight, once.
+
+        The weight is the same on every rank: it is observed as replicated
+        data (rank-independent sampling keys; ``sync()`` does not merge the
+        ranks' identical copies).
+        """
+        observer = self.weight_quantizer.observer
+        observer.reset()
+        with replicated_observation():
+            observer.observe(self.module.weight)
 
     def enable_calibration(self):
         self.input_quantizer.enable_calibration()
@@ -116,6 +124,15 @@ class QuantWeightModule(nn.Module):
         self.weight_quantizer.finish_calibration()
 
     def quant_weight(self):
+        """The (fake-quantized) weight used by the forward.
+
+        While calibrating, the FP weight: the weight quantizer does not
+        observe it at every calibration forward (observers that keep
+        values would copy it each time); it is observed once, by
+        :meth:`observe_weight`, when calibration finishes.
+        """
+        if self.weight_quantizer.state == 'calibrating':
+            return self.module.weight
         return self.weight_quantizer(self.module.weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

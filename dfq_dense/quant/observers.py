@@ -19,13 +19,144 @@ Quantization parameters of :class:`MinMaxObserver`:
   ``zero_point = clamp(round(-min / scale), 0, 2^b - 1)``.
 * ``scale`` is never below ``eps`` (1e-8), so a constant-zero tensor gives a
   valid (tiny) scale instead of a division by zero.
+
+Calibration steps
+-----------------
+
+Observers that sample or average over batches (see
+:mod:`~dfq_dense.quant.calibrators`) identify every ``observe`` call by
+``(step, stream, call)``:
+
+* inside :func:`calibration_step` (what the DFQ loop wraps around each
+  calibration forward), ``step`` is the *global* batch index and ``call``
+  counts the observer's own calls inside that step (e.g. the RPN conv runs
+  once per FPN level); ``stream = 0``. The identity, hence the random
+  sample drawn from that call, depends only on the batch, not on the rank
+  that ran it or on the order of the batches.
+* inside :func:`replicated_observation` (data every rank holds identically,
+  i.e. layer weights): a per-observer counter, ``stream = 1``; the state
+  is the same on every rank and ``sync()`` leaves it alone.
+* otherwise (unit tests, direct calls): every call is its own step of a
+  per-observer counter, ``stream = 2 + rank``.
 """
+from contextlib import contextmanager
+
 import torch
 from mmengine import dist
 
 from ..registry import TASK_UTILS
 
-__all__ = ['MinMaxObserver', 'qrange', 'range_to_qparams']
+__all__ = ['MinMaxObserver', 'qrange', 'range_to_qparams',
+           'calibration_step', 'current_calibration_step',
+           'replicated_observation', 'ObservationClock']
+
+_CONTEXT = dict(step=None, replicated=False)
+
+STEP_STREAM, REPLICATED_STREAM, AUTO_STREAM = 0, 1, 2
+
+
+@contextmanager
+def calibration_step(index):
+    """Mark the observations made inside as belonging to calibration batch
+    ``index`` (the *global* batch index, an int >= 0)::
+
+        with calibration_step(b):
+            model.test_step(batch_b)
+
+    Observers key what they keep by the batch: the random sample a batch
+    contributes is seeded from ``(index, call number within the batch)``
+    and the moving average is taken over batches in index order, so the
+    statistics do not depend on which rank ran the batch nor on the order
+    of the batches. In a distributed run every global batch must be
+    observed by exactly one rank (sharded calibration); ``sync()`` then
+    merges the ranks into the state one process observing every batch
+    would have. Contexts nest (the innermost wins).
+    """
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f'calibration_step index must be an int >= 0, got '
+                         f'{index!r}')
+    previous = _CONTEXT['step']
+    _CONTEXT['step'] = int(index)
+    try:
+        yield
+    finally:
+        _CONTEXT['step'] = previous
+
+
+def current_calibration_step():
+    """The index of the enclosing :func:`calibration_step`, or None."""
+    return _CONTEXT['step']
+
+
+@contextmanager
+def replicated_observation():
+    """Observations made inside see the same data on every rank (layer
+    weights): their random keys do not depend on the rank, and an observer
+    that only observed such data skips the merge in ``sync()`` (merging
+    identical copies would count them once per rank)."""
+    previous = _CONTEXT['replicated']
+    _CONTEXT['replicated'] = True
+    try:
+        yield
+    finally:
+        _CONTEXT['replicated'] = previous
+
+
+def _mix64(x):
+    """splitmix64 finaliser (64-bit avalanche)."""
+    x &= 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+class ObservationClock:
+    """Per-observer identity of the ``observe`` calls (module docstring).
+
+    Attributes:
+        replicated (bool | None): None before any call; True while every
+            call was made inside :func:`replicated_observation`.
+        steps (set[int]): the calibration steps observed.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self._auto = 0
+        self._calls = {}
+        self.steps = set()
+        self.replicated = None
+
+    def tick(self):
+        """``(step, stream, call)`` of a new observe call."""
+        rep = _CONTEXT['replicated']
+        self.replicated = rep if self.replicated is None else \
+            (self.replicated and rep)
+        step = None if rep else _CONTEXT['step']
+        if step is None:
+            ident = (self._auto, REPLICATED_STREAM if rep else
+                     AUTO_STREAM + dist.get_rank(), 0)
+            self._auto += 1
+            return ident
+        call = self._calls.get(step, 0)
+        self._calls[step] = call + 1
+        self.steps.add(step)
+        return (step, STEP_STREAM, call)
+
+    @staticmethod
+    def seed(ident):
+        """Deterministic 63-bit seed of an identity."""
+        h = 0x9E3779B97F4A7C15
+        for v in ident:
+            h = _mix64(h ^ (int(v) & 0xFFFFFFFFFFFFFFFF))
+            h = (h + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        return _mix64(h) & 0x7FFFFFFFFFFFFFFF
+
+    @classmethod
+    def generator(cls, ident):
+        """A CPU ``torch.Generator`` seeded from ``ident``."""
+        return torch.Generator().manual_seed(cls.seed(ident))
 
 
 def qrange(bits, symmetric):
@@ -77,6 +208,7 @@ class MinMaxObserver:
 
     def reset(self):
         """Forget everything observed so far."""
+        self.replicated = None
         if self.granularity == 'tensor':
             # +inf / -inf sentinels: a rank that saw nothing still takes
             # part in sync() with a neutral element.
@@ -101,6 +233,9 @@ class MinMaxObserver:
         x = x.detach()
         if x.numel() == 0:
             return
+        rep = _CONTEXT['replicated']
+        self.replicated = rep if self.replicated is None else \
+            (self.replicated and rep)
         x = x.float()
         if self.granularity == 'tensor':
             cur_min, cur_max = x.min(), x.max()
@@ -117,17 +252,26 @@ class MinMaxObserver:
                                          cur_max)
 
     def sync(self):
-        """Make min/max identical on all ranks (no-op when not distributed).
+        """Make min/max identical on all ranks (no-op when not distributed
+        or when only replicated data, i.e. weights, was observed).
 
-        All ranks must call it (collective). For ``granularity='channel'``
-        every rank must have observed data (the channel count is unknown
-        otherwise).
+        All ranks must call it (collective): all-reduce of min and max
+        (exact and order-independent). A rank that saw nothing takes part
+        with +-inf sentinels; for ``granularity='channel'`` the ranks first
+        agree on the channel count (all-reduce max), since with sharded
+        calibration a rank may have had no batch at all.
         """
-        if not dist.is_distributed():
+        if not dist.is_distributed() or self.replicated:
             return
-        if self.min_val is None:
-            raise RuntimeError('MinMaxObserver.sync: per-channel observer '
-                               'has observed no data on this rank')
+        if self.granularity == 'channel':
+            n = torch.tensor(0 if self.min_val is None else
+                             self.min_val.numel())
+            dist.all_reduce(n, op='max')
+            if int(n) == 0:
+                return  # no rank saw anything
+            if self.min_val is None:
+                self.min_val = torch.full((int(n), ), float('inf'))
+                self.max_val = torch.full((int(n), ), float('-inf'))
         min_val = self.min_val.clone()
         max_val = self.max_val.clone()
         dist.all_reduce(min_val, op='min')
