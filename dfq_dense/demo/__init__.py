@@ -20,12 +20,53 @@ def demo_checkpoint(name):
     return osp.join(CHECKPOINT_DIR, f'{name}.pth')
 
 
+class DemoCheckpointError(ValueError):
+    """A shipped demo checkpoint that differs from its manifest entry."""
+
+
 def load_manifest():
     """Training command, sha256 and recorded FP metrics of each checkpoint."""
     if not osp.isfile(MANIFEST):
         return {}
     with open(MANIFEST) as f:
         return json.load(f)
+
+
+def manifest_entry(path):
+    """``(name, entry)`` of the manifest when ``path`` is a shipped demo
+    checkpoint (a file in :data:`CHECKPOINT_DIR` whose name the manifest
+    lists), else None.  Symlinks and relative paths are resolved."""
+    real = osp.realpath(path)
+    if osp.dirname(real) != osp.realpath(CHECKPOINT_DIR):
+        return None
+    for name, entry in load_manifest().items():
+        listed = osp.basename(entry.get('checkpoint') or f'{name}.pth')
+        if osp.basename(real) == listed:
+            return name, entry
+    return None
+
+
+def verify_demo_checkpoint(path):
+    """Check a shipped demo checkpoint against the manifest's sha256.
+
+    A no-op (returns None) for any other file.  Returns the sha256 of a
+    verified demo checkpoint; raises :class:`DemoCheckpointError` (one line)
+    when it differs from the recorded one.
+    """
+    found = manifest_entry(path)
+    if found is None or not found[1].get('sha256'):
+        return None
+    name, entry = found
+    digest = sha256sum(path)
+    if digest != entry['sha256']:
+        rel = entry.get('checkpoint') or osp.join(
+            'dfq_dense', 'demo', 'checkpoints', osp.basename(path))
+        raise DemoCheckpointError(
+            f'demo checkpoint {path} sha256 mismatch: corrupted or modified '
+            f'(manifest {entry["sha256"][:12]}..., file {digest[:12]}...); '
+            f'restore it with git checkout -- {rel} (a retrained one is '
+            'recorded in manifest.json by tools/train_demo.py)')
+    return digest
 
 
 def sha256sum(path):
@@ -73,7 +114,8 @@ def ensure_demo_data(cfg):
 
 __all__ = [
     'CHECKPOINT_DIR', 'DEMO_MODELS', 'SEG_CLASSES', 'THING_CLASSES',
-    'demo_checkpoint', 'demo_metainfo', 'ensure_demo_data',
+    'DemoCheckpointError', 'demo_checkpoint', 'manifest_entry',
+    'verify_demo_checkpoint', 'demo_metainfo', 'ensure_demo_data',
     'generate_demo_dataset', 'load_manifest', 'render_scene',
     'set_demo_data_root', 'sha256sum'
 ]

@@ -12,7 +12,9 @@
         load_quantized=None,         # reuse a quant_params.pth
         eval_fp=False)               # also evaluate the FP model first
 """
+import inspect
 import json
+import math
 
 from mmengine.config import ConfigDict
 
@@ -26,7 +28,7 @@ class DFQConfigError(ValueError):
 
 QUANTIZER_KEYS = {'w_bits', 'a_bits', 'scope', 'skip'} | set(SETTING_KEYS)
 TOP_KEYS = {'synthesizer', 'quantizer', 'calib_batch_size', 'load_images',
-            'load_quantized', 'eval_fp'}
+            'load_quantized', 'eval_fp', 'allow_unobserved'}
 SCOPES = ('model', 'backbone')
 
 
@@ -36,6 +38,211 @@ def _check_bits(name, value):
         raise DFQConfigError(
             f'dfq.quantizer.{name}={value!r} is not supported: bits must be '
             'an integer in 2-16')
+
+
+# --------------------------------------------------------------------------
+# dfq.synthesizer: generic validation of the settings, by key (a key means
+# the same in every method: see the constructors in dfq_dense/synth/)
+# --------------------------------------------------------------------------
+# Data sources that run no optimisation: ``iterations`` may be 0.
+NON_ITERATIVE = ('GaussianNoise', 'RealImages')
+# Sub-configs whose content only one method understands.
+METHOD_SPECIFIC_KEYS = ('components', 'student_step')
+# Integer settings and their minimum; True: None is allowed too.
+INT_MIN = {
+    'num_images': (1, False), 'batch_size': (1, False),
+    'num_points': (2, False),  # KDE points: one leaves nothing to integrate
+    'max_samples': (1, True), 'tau_ref_pixels': (1, False),
+    'tv_ref_pixels': (1, False), 'num_classes': (1, False),
+    'num_components': (1, False), 'log_interval': (1, False),
+    'rounds': (0, False), 'sample_iters': (0, False),
+    'images_per_round': (1, True), 'iters': (0, False),
+    'warmup_iters': (0, True), 'num_patches': (0, False),
+}
+# Settings that must be > 0 (True: or None).
+POSITIVE = {
+    'lr': False, 'sample_lr': False, 'tau': False, 'logit_scale': False,
+    'ssim_c1': False, 'ssim_c2': False, 'min_scale': False,
+    'qparam_lr': True, 'grad_clip': True,
+    'bandwidth': False,  # PSAQ-ViT's KDE bandwidth: 0 makes the images NaN
+}
+# Settings that must be >= 0 (besides every ``*_weight``).
+NON_NEGATIVE = ('min_lr', 'weight_decay', 'noise_std', 'color_jitter')
+# Settings in [lo, hi] (hi_open: [lo, hi)).
+INTERVALS = {'jitter_switch': (0.0, 1.0, False),
+             'msr_split_jitter': (0.0, 0.5, True),
+             'momentum': (0.0, 1.0, True)}
+BETAS = ('betas', 'sample_betas')
+# (lo, hi) ranges: lowest allowed lo, whether lo may equal it, None allowed.
+RANGES = {'tau_range': (0.0, True, False), 'tv_tau_range': (0.0, True, True),
+          'soft_range': (0.0, True, False),
+          'prior_sigma_range': (0.0, False, False)}
+SIZES = ('img_size', 'crop_size')
+# Why a bound holds, added to the message.
+NOTES = {
+    'bandwidth': "PSAQ-ViT's KDE bandwidth; 0 makes every image NaN",
+    'num_points': 'KDE evaluation points between min and max',
+    'lr': 'the learning rate of the pixel optimisation',
+}
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _non_finite(value, path):
+    """``(path, value)`` of the first NaN/Inf float inside ``value``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, value
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _non_finite(v, f'{path}.{k}')
+            if found:
+                return found
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found = _non_finite(v, f'{path}[{i}]')
+            if found:
+                return found
+    return None
+
+
+def _pair(value):
+    return isinstance(value, (list, tuple)) and len(value) == 2
+
+
+def _check_size(value):
+    if value is None:
+        return None
+    if _is_int(value):
+        return None if value >= 1 else 'a size must be >= 1'
+    if _pair(value) and all(_is_int(v) for v in value):
+        return None if min(value) >= 1 else 'H and W must be >= 1'
+    return 'use None, an integer or (H, W) with integers >= 1'
+
+
+def _check_setting(key, value, iterative):
+    """What is wrong with one synthesizer setting (None: nothing)."""
+    if key == 'iterations':
+        lo = 1 if iterative else 0
+        if not _is_int(value) or value < lo:
+            return f'use an integer >= {lo}'
+    elif key == 'seed':
+        if not _is_int(value):
+            return 'use an integer'
+    elif key in INT_MIN:
+        lo, none_ok = INT_MIN[key]
+        if value is None and none_ok:
+            return None
+        if not _is_int(value) or value < lo:
+            return f'use an integer >= {lo}' + (' or None' if none_ok
+                                                else '')
+    elif key in POSITIVE:
+        if value is None and POSITIVE[key]:
+            return None
+        if not _is_num(value) or value <= 0:
+            return 'use a number > 0' + (' or None' if POSITIVE[key]
+                                         else '')
+    elif key in NON_NEGATIVE or key.endswith('_weight'):
+        if not _is_num(value) or value < 0:
+            return 'use a number >= 0'
+    elif key in INTERVALS:
+        lo, hi, hi_open = INTERVALS[key]
+        if not _is_num(value) or value < lo or value > hi or \
+                (hi_open and value == hi):
+            return f'use a number in [{lo}, {hi}{")" if hi_open else "]"}'
+    elif key in BETAS:
+        if not _pair(value) or not all(
+                _is_num(b) and 0 <= b < 1 for b in value):
+            return 'use two numbers in [0, 1)'
+    elif key in RANGES:
+        lo, lo_ok, none_ok = RANGES[key]
+        if value is None and none_ok:
+            return None
+        if not _pair(value) or not all(_is_num(v) for v in value) or \
+                value[0] > value[1] or value[0] < lo or \
+                (not lo_ok and value[0] == lo):
+            return (f'use (low, high) with {lo} {"<=" if lo_ok else "<"} '
+                    'low <= high')
+    elif key in SIZES:
+        return _check_size(value)
+    elif key == 'jitter':
+        values = value if _pair(value) else [value]
+        if not all(_is_int(v) and v >= 0 for v in values):
+            return 'use an integer >= 0 (or two, for MimiQ)'
+    elif key == 'msr_grid':
+        if not _pair(value) or not all(_is_int(v) and v >= 1
+                                       for v in value):
+            return 'use two integers >= 1'
+    return None
+
+
+def synthesizer_class(method):
+    """The registered data-source class of ``method`` (None if unknown)."""
+    name = method.split('.', 1)[1] if method.startswith('dfq_dense.') \
+        else method
+    cls = MODELS.get(name)
+    if cls is None or name not in MODELS.module_dict or \
+            not getattr(cls, 'is_synthesizer', False):
+        return None
+    return cls
+
+
+def synthesizer_keys(cls):
+    """The keyword arguments ``cls`` takes, following ``**kwargs`` to the
+    base classes; None when they are open-ended."""
+    keys = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get('__init__')
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]
+        keys |= {p.name for p in params
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return keys
+    return None
+
+
+def validate_synthesizer(synth, name, cls):
+    """Raise :class:`DFQConfigError` (one line) on a non-finite number, a
+    key ``cls`` does not take or a value out of range in ``synth``."""
+    found = _non_finite(dict(synth), 'dfq.synthesizer')
+    if found:
+        raise DFQConfigError(f'{found[0]}={found[1]!r} is not a finite '
+                             'number: set a finite value')
+    accepted = synthesizer_keys(cls)
+    if accepted is not None:
+        unknown = sorted(k for k in synth
+                         if k not in accepted and k not in ('type',
+                                                            '_scope_'))
+        if unknown:
+            raise DFQConfigError(
+                f'dfq.synthesizer: {name} does not take {unknown}; it takes '
+                f'{sorted(accepted)}')
+    iterative = name not in NON_ITERATIVE
+    for key, value in synth.items():
+        problem = _check_setting(key, value, iterative)
+        if problem:
+            note = f' ({NOTES[key]})' if key in NOTES else ''
+            raise DFQConfigError(
+                f'dfq.synthesizer.{key}={value!r} is invalid: {problem}'
+                f'{note}')
+    student = synth.get('student_step')
+    if isinstance(student, dict):
+        for key, value in student.items():
+            problem = _check_setting(key, value, True)
+            if problem:
+                raise DFQConfigError(
+                    f'dfq.synthesizer.student_step.{key}={value!r} is '
+                    f'invalid: {problem}')
+    elif student is not None:
+        raise DFQConfigError('dfq.synthesizer.student_step must be a dict '
+                             'or None')
 
 
 def parse_dfq_config(cfg):
@@ -55,13 +262,14 @@ def parse_dfq_config(cfg):
         raise DFQConfigError(
             'dfq.synthesizer must be a dict with a `type` (e.g. PSAQViT)')
     method = synth['type']
-    name = method.split('.', 1)[1] if method.startswith('dfq_dense.') \
-        else method
-    if MODELS.get(name) is None or name not in MODELS.module_dict:
+    cls = synthesizer_class(method) if isinstance(method, str) else None
+    if cls is None:
+        MODELS.get('GaussianNoise')  # imports the data sources
         known = sorted(k for k, v in MODELS.module_dict.items()
                        if getattr(v, 'is_synthesizer', False))
         raise DFQConfigError(
             f'unknown DFQ method {method!r}; registered methods: {known}')
+    validate_synthesizer(synth, cls.__name__, cls)
 
     quant = ConfigDict(cfg.get('quantizer') or {})
     unknown = set(quant) - QUANTIZER_KEYS
@@ -88,12 +296,16 @@ def parse_dfq_config(cfg):
     cfg.quantizer = quant
 
     batch = cfg.setdefault('calib_batch_size', 4)
-    if not isinstance(batch, int) or batch < 1:
+    if not _is_int(batch) or batch < 1:
         raise DFQConfigError(
             f'dfq.calib_batch_size={batch!r}; use a positive integer')
-    cfg.setdefault('load_images', None)
-    cfg.setdefault('load_quantized', None)
+    for key in ('load_images', 'load_quantized'):
+        value = cfg.setdefault(key, None)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise DFQConfigError(
+                f'dfq.{key}={value!r}: use the path of a file (or None)')
     cfg.setdefault('eval_fp', False)
+    cfg.setdefault('allow_unobserved', False)
     return cfg
 
 

@@ -14,7 +14,14 @@ model exactly, without synthesis or calibration:
 
 The file holds tensors, strings, numbers, lists and dicts only, so it loads
 with ``torch.load(weights_only=True)``.
+
+Integrity: ``meta['checksums']`` holds the sha256 of every tensor (dtype,
+shape and bytes), computed at save time and verified by
+:func:`read_quant_params`: a file whose tensors were altered or damaged,
+or one without checksums (format 1, written before they existed), is
+refused with one line.
 """
+import hashlib
 import json
 import os.path as osp
 
@@ -26,9 +33,15 @@ from .convert import iter_quantizers
 from .reparam import prepare_reparam_structure
 
 __all__ = ['FORMAT', 'snapshot_state', 'save_quant_params',
-           'load_quant_params', 'QuantParamsError']
+           'read_quant_params', 'load_quant_params', 'QuantParamsError',
+           'tensor_sha256']
 
-FORMAT = 'dfq_dense.quant_params/1'
+FORMAT = 'dfq_dense.quant_params/2'
+# Formats this version refuses, with the reason.
+OLD_FORMATS = {
+    'dfq_dense.quant_params/1': 'was written without tensor checksums by an '
+                                'older dfq_dense',
+}
 QPARAMS = ('scale', 'zero_point')
 
 
@@ -50,6 +63,14 @@ def snapshot_state(model):
 
 def _plain(obj):
     return json.loads(json.dumps(obj))
+
+
+def tensor_sha256(tensor):
+    """sha256 (hex) of a tensor's dtype, shape and bytes."""
+    t = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f'{t.dtype}|{tuple(t.shape)}|'.encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_quant_params(path, model, snapshot, quantizer_cfg, reparam=(),
@@ -85,22 +106,70 @@ def save_quant_params(path, model, snapshot, quantizer_cfg, reparam=(),
                 quantizer=_plain(quantizer_cfg), reparam=list(reparam),
                 changed=changed, quantizers=quantizers)
     meta.update(_plain(extra_meta or {}))
+    meta['checksums'] = {k: tensor_sha256(v) for k, v in tensors.items()}
     torch_save_atomic(dict(meta=meta, tensors=tensors), path)
     return path
 
 
+RECREATE = ('; re-create it: run tools/dfq_test.py without --load-quantized '
+            '(it writes a new quant_params.pth)')
+
+
 def read_quant_params(path):
-    """``(meta, tensors)`` of a saved file, format checked."""
+    """``(meta, tensors)`` of a saved file, format and checksums checked.
+
+    Raises:
+        FileNotFoundError: no such file.
+        QuantParamsError: not a quant_params file, an old format without
+            checksums, or a tensor whose checksum does not match.
+        dfq_dense.utils.checkpoint.CheckpointReadError: no torch file at
+            all (empty, truncated, text).
+    """
     if not osp.isfile(path):
+        what = 'is a folder' if osp.isdir(path) else 'not found'
         raise FileNotFoundError(
-            f'quantized parameters not found: {path} (use the '
+            f'quantized parameters {what}: {path} (use the '
             'quant_params.pth an earlier dfq_test run wrote)')
     data = safe_torch_load(path)
     meta = data.get('meta') if isinstance(data, dict) else None
-    if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+    fmt = meta.get('format') if isinstance(meta, dict) else None
+    if fmt in OLD_FORMATS:
+        raise QuantParamsError(f'{path} {OLD_FORMATS[fmt]} (format {fmt}, '
+                               f'this version reads {FORMAT})'
+                               + RECREATE)
+    if fmt != FORMAT:
         raise QuantParamsError(f'{path} is not a dfq_dense quant_params file '
                                f'(expected format {FORMAT})')
-    return meta, data['tensors']
+    tensors = data.get('tensors')
+    checksums = meta.get('checksums')
+    if not isinstance(tensors, dict) or not isinstance(checksums, dict) or \
+            not all(torch.is_tensor(v) for v in tensors.values()):
+        raise QuantParamsError(f'{path} is damaged: its tensors or their '
+                               'checksums are missing' + RECREATE)
+    if set(tensors) != set(checksums):
+        extra = sorted(set(tensors) ^ set(checksums))
+        raise QuantParamsError(
+            f'{path} is damaged: {len(extra)} tensor(s) without a matching '
+            f'checksum (e.g. {extra[0]})' + RECREATE)
+    bad = [k for k, v in tensors.items() if tensor_sha256(v) != checksums[k]]
+    if bad:
+        raise QuantParamsError(
+            f'{path} is corrupted: sha256 mismatch of {len(bad)} of '
+            f'{len(tensors)} tensor(s) (e.g. {bad[0]}); the file was '
+            'modified or damaged after it was written' + RECREATE)
+    try:
+        needed = [f'{name}.{b}' for name in meta['quantizers']
+                  for b in QPARAMS] + list(meta['changed'])
+        meta['quantizer'], meta['model'], meta['reparam']  # noqa: B018
+    except (KeyError, TypeError):
+        needed = None
+    lacking = [k for k in needed if k not in tensors] if needed is not None \
+        else ['meta']
+    if lacking:
+        raise QuantParamsError(
+            f'{path} is damaged: {len(lacking)} entr(y/ies) its meta names '
+            f'are missing (e.g. {lacking[0]})' + RECREATE)
+    return meta, tensors
 
 
 def _describe(cfg):
