@@ -70,6 +70,13 @@ def test_demo_w8a8_close_to_fp(demo_run):
                                         'dfq_dense'}
         assert sum(res['quantized_modules'].values()) > 50
         assert res['seconds']['synthesis'] > 0
+        # Quantization took effect: every quantizer quantizes, and the
+        # quantized backbone/neck features differ from FP.
+        q = res['quantization']
+        assert q['total']['quantizing'] == q['total']['quantizers'] > 100
+        assert q['disabled'] == []
+        assert q['output_change']['max_abs'] > 0
+        assert 0 < q['output_change']['rel_l2'] < 0.5
 
 
 def _rerun(work, name, tmp_path, *options):

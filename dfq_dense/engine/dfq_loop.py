@@ -7,28 +7,64 @@ calibration the unchanged TestLoop.run evaluates the quantized model with the
 config's own metric (CocoMetric, IoUMetric).
 """
 import copy
+import glob
+import hashlib
+import json
+import os
 import os.path as osp
+import secrets
+import shutil
 import time
 from contextlib import contextmanager
 
 import torch
-from mmengine.dist import broadcast, get_rank, is_distributed
+from mmengine.dist import (all_gather_object, all_reduce, barrier, broadcast,
+                           broadcast_object_list, get_rank, get_world_size,
+                           is_distributed)
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.runner import TestLoop
 from mmengine.utils import ProgressBar
 
 from ..quant import enable_calibration, finish_calibration, quantize_model
+from ..quant.convert import iter_quantizers, quantization_report
 from ..quant.io import (QuantParamsError, load_quant_params,
                         read_quant_params, save_quant_params,
                         snapshot_state)
+from ..quant.observers import calibration_step
 from ..quant.spec import SETTING_KEYS
 from ..registry import LOOPS, MODELS, build
-from ..synth.base import load_images, save_images
+from ..synth.base import SynthesisError, load_images, save_images
+from ..utils.fileio import torch_save_atomic
 from .dfq_config import DFQConfigError, parse_dfq_config, plain
 
 SYNTH_DIR = 'synthetic'
+BATCH_DIR = 'batches'
 QUANT_PARAMS = 'quant_params.pth'
+RESULTS = 'dfq_results.json'
+PREVIOUS_DIR = 'previous'
+
+
+class DFQRunError(RuntimeError):
+    """A run that cannot give meaningful numbers (NaN images or
+    activations, quantizers that saw no data, quantization without
+    effect): reported as one line, the run stops."""
+
+
+def new_run_id():
+    """Time + random: tells the files of one run from another's."""
+    return time.strftime('%Y%m%d-%H%M%S') + '-' + secrets.token_hex(4)
+
+
+def synthesis_key(synth_cfg, checkpoint_sha256, backbone_cfg):
+    """Hash of everything a synthetic image depends on: the method and its
+    settings (seed, count, batch size, size), the FP weights and the
+    backbone architecture.  Finished batches are reused only under the
+    same key."""
+    blob = json.dumps(dict(synthesizer=plain(synth_cfg),
+                           checkpoint=checkpoint_sha256,
+                           backbone=plain(backbone_cfg)), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def infer_test_image_size(cfg):
@@ -142,6 +178,10 @@ class DFQTestLoop(TestLoop):
             try:
                 self.synthesizer = build(MODELS, self.synth_cfg)
                 self.synthesizer.check_model(self._model)
+                if not self.dfq.load_images:
+                    # Too small an img_size for the backbone: one line.
+                    from .model_checks import check_image_size
+                    check_image_size(self._model, self.synth_cfg['img_size'])
                 # Loss terms also go to the config's visualizer backends.
                 self.synthesizer.visualizer = runner.visualizer
                 if not self.dfq.load_images and \
@@ -159,6 +199,7 @@ class DFQTestLoop(TestLoop):
 
     def run(self):
         model = self._model
+        self._start_run()
         if self.dfq.eval_fp:
             start = time.time()
             self.report['fp_metrics'] = super().run()
@@ -193,7 +234,9 @@ class DFQTestLoop(TestLoop):
                                 osp.join(self.runner.work_dir, SYNTH_DIR,
                                          'adapted'),
                                 meta=dict(synthesizer=self.report[
-                                    'synthesizer'], adapted=True))
+                                    'synthesizer'], adapted=True,
+                                    run_id=self.run_id))
+            self.report['output_change'] = self._check_effect(model, images)
             if get_rank() == 0:
                 path = osp.join(self.runner.work_dir, QUANT_PARAMS)
                 save_quant_params(path, model, snapshot,
@@ -201,13 +244,70 @@ class DFQTestLoop(TestLoop):
                                   extra_meta=dict(
                                       synthesizer=self.report['synthesizer'],
                                       num_images=self.report['num_images'],
-                                      image_size=self.report['image_size']))
+                                      image_size=self.report['image_size'],
+                                      run_id=self.run_id))
                 self.report['quant_params'] = path
+        if 'output_change' not in self.report:
+            self.report['output_change'] = self._check_effect(model, None)
+        self.report['quantization'] = quantization_report(model)
 
         start = time.time()
         metrics = super().run()
         self.report['eval_seconds'] = time.time() - start
         return metrics
+
+    # --------------------------------------------------------- run identity
+    def _start_run(self):
+        """Give this run an id (rank 0's, on every rank) and move the
+        results of an earlier run in the same work dir aside, so that a
+        ``dfq_results.json`` always describes the files beside it.
+
+        ``dfq_results.json`` and ``quant_params.pth`` of the earlier run go
+        to ``previous/<its run id>/``; its finished synthesis stays (it is
+        reused only under the same settings, see :meth:`_synthesize`).
+        """
+        ids = [new_run_id() if get_rank() == 0 else None]
+        if is_distributed():
+            broadcast_object_list(ids, src=0)
+        self.run_id = ids[0]
+        self.report['run_id'] = self.run_id
+        work_dir = self.runner.work_dir
+        moved = {}
+        if get_rank() == 0:
+            stale = [f for f in (RESULTS, QUANT_PARAMS)
+                     if osp.isfile(osp.join(work_dir, f))]
+            if stale:
+                old_id = _previous_run_id(work_dir) or time.strftime(
+                    '%Y%m%d-%H%M%S', time.localtime(osp.getmtime(
+                        osp.join(work_dir, stale[0])))) + '-unknown'
+                dest = osp.join(work_dir, PREVIOUS_DIR, old_id)
+                os.makedirs(dest, exist_ok=True)
+                for f in stale:
+                    os.replace(osp.join(work_dir, f), osp.join(dest, f))
+                    moved[osp.abspath(osp.join(work_dir, f))] = \
+                        osp.join(dest, f)
+                print_log(f'DFQ: moved the earlier run\'s {", ".join(stale)}'
+                          f' to {dest}', logger='current')
+        if is_distributed():
+            box = [moved]
+            broadcast_object_list(box, src=0)
+            moved = box[0]
+        # An input of this run that was just moved is read from its new
+        # place.
+        for key in ('load_quantized', 'load_images'):
+            path = self.dfq.get(key)
+            if path and osp.abspath(path) in moved:
+                self.dfq[key] = moved[osp.abspath(path)]
+
+    def _checkpoint_sha256(self):
+        run = self.runner.cfg.get('dfq_run') or {}
+        if run.get('checkpoint_sha256'):
+            return run['checkpoint_sha256']
+        path = run.get('checkpoint') or self.runner.cfg.get('load_from')
+        if path and osp.isfile(path):
+            from ..demo import sha256sum
+            return sha256sum(path)
+        return None
 
     def _adapt(self, teacher, model, images, reparameterized):
         """Let a teacher-student method adapt the calibrated student.
@@ -230,9 +330,15 @@ class DFQTestLoop(TestLoop):
 
     def _quantize(self, model, dry_run=False):
         q = self.dfq.quantizer
+        skip = list(q.skip)
+        if getattr(model, 'with_auxiliary_head', False):
+            # mmseg's auxiliary head is a training-only branch: it never
+            # runs at test time, so it neither sees calibration data nor
+            # changes a metric.  It stays FP.
+            skip += ['auxiliary_head', 'auxiliary_head.*']
         return quantize_model(
             model, w_bits=q.w_bits, a_bits=q.a_bits, scope=q.scope,
-            skip=q.skip, dry_run=dry_run,
+            skip=skip, dry_run=dry_run,
             **{k: q[k] for k in SETTING_KEYS if k in q})
 
     def _check_quant_params_cfg(self, path):
@@ -280,9 +386,7 @@ class DFQTestLoop(TestLoop):
 
     def _get_images(self, model):
         synth_cfg = self.synth_cfg
-        out_dir = osp.join(self.runner.work_dir, SYNTH_DIR)
         source = self.dfq.load_images
-        images = None
         if source:
             saved = load_images(source)
             images = saved['images']
@@ -295,43 +399,244 @@ class DFQTestLoop(TestLoop):
             print_log(f'DFQ: reusing {len(images)} synthetic images from '
                       f'{source} ({synth_cfg.get("type")})', logger='current')
             self.report['images_from'] = source
-        elif get_rank() == 0:
-            images = self.synthesizer.generate(model)
-            save_images(images, model.data_preprocessor.mean,
-                        model.data_preprocessor.std, out_dir,
-                        meta=dict(synthesizer=plain(synth_cfg)))
-        if is_distributed():
-            # Rank 0 synthesizes; every rank calibrates on the same images.
-            shape = torch.tensor(list(images.shape) if images is not None
-                                 else [0, 0, 0, 0])
-            broadcast(shape, src=0)
-            if images is None:
-                images = torch.zeros(*shape.tolist())
-            broadcast(images, src=0)
+            if is_distributed():
+                # Every rank read the same file; rank 0's copy wins anyway.
+                broadcast(images, src=0)
+        else:
+            images = self._synthesize(model)
+        self._check_finite_images(images, 'the synthetic images')
         self.report['num_images'] = int(images.shape[0])
         self.report['image_size'] = [int(s) for s in images.shape[-2:]]
         self.report['method'] = synth_cfg['type']
         self.report['synthesizer'] = plain(synth_cfg)
         return images
 
+    @staticmethod
+    def _check_finite_images(images, what):
+        bad = ~torch.isfinite(images)
+        if bool(bad.any()):
+            n = int(bad.flatten(1).any(1).sum())
+            raise DFQRunError(
+                f'{what} hold NaN/Inf ({n} of {len(images)} images): the '
+                'synthesis diverged; lower its learning rate or loss weights')
+
+    def _synthesize(self, model):
+        """Synthesize (or resume) the images, batches split across ranks.
+
+        Batch ``b`` is made by rank ``b % world_size`` from its own seed
+        (:func:`~dfq_dense.synth.base.batch_seed`), so the images do not
+        depend on the number of processes.  Each finished batch is written
+        to ``synthetic/batches/`` with the :func:`synthesis_key` of the
+        run; a re-run with the same key loads the finished batches instead
+        of synthesizing them again (bit-identical to an uninterrupted run),
+        a changed key starts over.  When all batches are there, rank 0
+        writes ``synthetic_images.pth`` (with the key) and the grid, and
+        removes the batch files.
+        """
+        synth = self.synthesizer
+        out_dir = osp.join(self.runner.work_dir, SYNTH_DIR)
+        batch_dir = osp.join(out_dir, BATCH_DIR)
+        key = synthesis_key(self.synth_cfg, self._checkpoint_sha256(),
+                            self.runner.cfg.model.get('backbone'))
+        self.report['synthesis_key'] = key
+        rank, world = get_rank(), get_world_size()
+        mean, std = model.data_preprocessor.mean, model.data_preprocessor.std
+        meta = dict(synthesizer=plain(self.synth_cfg), key=key,
+                    run_id=self.run_id)
+
+        final = osp.join(out_dir, 'synthetic_images.pth')
+        done = None
+        if osp.isfile(final):
+            try:
+                saved = load_images(final)
+                if saved['meta'].get('key') == key:
+                    done = saved['images']
+            except Exception:  # noqa: BLE001  (unreadable: synthesize)
+                done = None
+        if done is not None:
+            print_log(f'DFQ: reusing the finished synthesis in {final} '
+                      '(same settings and checkpoint)', logger='current')
+            self.report['resumed_batches'] = synth.num_batches
+            return done
+
+        if rank == 0:
+            stale = [f for f in sorted(glob.glob(
+                osp.join(batch_dir, 'batch_*.pth'))) if _batch_key(f) != key]
+            if stale:
+                print_log(f'DFQ: synthesis settings or checkpoint changed: '
+                          f'starting over ({len(stale)} finished batch(es) '
+                          f'of another synthesis removed from {batch_dir})',
+                          logger='current')
+                for f in stale:
+                    os.remove(f)
+        if is_distributed():
+            barrier()
+
+        mine = [b for b in range(synth.num_batches) if b % world == rank]
+        batches, todo = {}, []
+        for b in mine:
+            path = osp.join(batch_dir, f'batch_{b:05d}.pth')
+            if osp.isfile(path) and _batch_key(path) == key:
+                from ..utils.checkpoint import safe_torch_load
+                batches[b] = safe_torch_load(path)['images']
+            else:
+                todo.append(b)
+        if batches:
+            print_log(f'DFQ: resuming the synthesis: {len(batches)} finished '
+                      f'batch(es) loaded from {batch_dir}', logger='current')
+
+        def on_batch(b, x):
+            torch_save_atomic(dict(images=x, batch=b, key=key),
+                              osp.join(batch_dir, f'batch_{b:05d}.pth'))
+
+        error = None
+        try:
+            if todo:
+                batches.update(synth.generate_batches(model, todo,
+                                                      on_batch=on_batch))
+        except SynthesisError as err:
+            error = str(err)
+        if is_distributed():
+            # Every rank reaches the gather, failed or not: no rank hangs.
+            parts = all_gather_object((error, batches))
+            errors = [e for e, _ in parts if e]
+            if errors:
+                raise DFQRunError(errors[0])
+            batches = {b: x for _, part in parts for b, x in part.items()}
+        elif error:
+            raise DFQRunError(error)
+        resumed = synth.num_batches - len(todo) if world == 1 else None
+        if resumed:
+            self.report['resumed_batches'] = resumed
+        images = torch.cat([batches[b] for b in range(synth.num_batches)])
+        if rank == 0:
+            save_images(images, mean, std, out_dir, meta=meta)
+            shutil.rmtree(batch_dir, ignore_errors=True)
+        if is_distributed():
+            barrier()
+        return images
+
     @torch.no_grad()
     def _calibrate(self, model, images):
+        """Run the calibration images through the model, the batches split
+        across ranks (batch ``b`` on rank ``b % world_size``, inside
+        ``calibration_step(b)`` so observers key their statistics by the
+        global batch), then merge the observers: every rank ends with the
+        qparams one process would compute.  Stops with one line when a
+        calibration input held NaN/Inf or, unless
+        ``dfq.allow_unobserved``, when a quantizer saw no data."""
         model.eval()
         enable_calibration(model)
         bs = self.dfq.calib_batch_size
-        progress = ProgressBar(len(images)) if get_rank() == 0 else None
+        rank, world = get_rank(), get_world_size()
+        starts = list(range(0, len(images), bs))
+        mine = [(b, i) for b, i in enumerate(starts) if b % world == rank]
+        progress = ProgressBar(len(images)) if rank == 0 else None
         with _all_detections(model):
-            for i in range(0, len(images), bs):
-                model.test_step(calibration_batch(
-                    images[i:i + bs], model.data_preprocessor, self.task))
+            for b, i in mine:
+                with calibration_step(b):
+                    model.test_step(calibration_batch(
+                        images[i:i + bs], model.data_preprocessor,
+                        self.task))
                 if progress:
                     for _ in range(len(images[i:i + bs])):
                         progress.update()
-        # Observers are all-reduced inside, so every rank ends identical.
+        quantizers = list(iter_quantizers(model))
+        if is_distributed():
+            # Every rank needs the global picture before deciding.
+            flags = torch.tensor([[q.seen, int(q.nonfinite)]
+                                  for _, q in quantizers],
+                                 dtype=torch.float64).reshape(-1, 2)
+            all_reduce(flags, op='sum')
+            for (_, q), (seen, bad) in zip(quantizers, flags.tolist()):
+                q.seen, q.nonfinite = int(seen), bool(bad)
+        bad = [name for name, q in quantizers if q.nonfinite]
+        if bad:
+            raise DFQRunError(
+                f'NaN/Inf reached {len(bad)} quantizer(s) during calibration,'
+                f' first {bad[0]}: the FP model gives non-finite activations '
+                'on these images (check the checkpoint and the images)')
+        # Observers are merged inside, so every rank ends identical.
         folded = finish_calibration(model,
                                     reparam=self.dfq.quantizer.get(
                                         'reparam', False))
+        unobserved = [name for name, q in quantizers if q.unobserved]
+        if unobserved:
+            msg = (f'{len(unobserved)} quantizer(s) observed no calibration '
+                   f'data, first {unobserved[0]}')
+            if not self.dfq.get('allow_unobserved', False):
+                raise DFQRunError(
+                    msg + ': they would stay full precision; skip those '
+                    'modules (dfq.quantizer.skip) or set '
+                    'dfq.allow_unobserved=True to run with them in FP '
+                    '(reported in dfq_results.json)')
+            print_log(f'DFQ: {msg}; they stay FP (dfq.allow_unobserved)',
+                      logger='current', level=30)
         print_log(f'DFQ: calibrated on {len(images)} images'
                   + (f', {len(folded)} LayerNorms reparameterised'
                      if folded else ''), logger='current')
         return folded
+
+    @torch.no_grad()
+    def _check_effect(self, model, images):
+        """Prove that quantization changed the model: the backbone + neck
+        features of one image with every quantizer as calibrated against
+        all of them switched off.  Identical features with quantizers in
+        the backbone or neck stop the run."""
+        states = {q: q.state for _, q in iter_quantizers(model)}
+        in_features = [n for n, _ in iter_quantizers(model)
+                       if n.startswith(('backbone.', 'neck.'))]
+        if not in_features:
+            return dict(checked=False,
+                        why='no quantizer in the backbone or neck')
+        if images is None:
+            h, w = infer_test_image_size(self.runner.cfg)
+            g = torch.Generator().manual_seed(0)
+            images = torch.randn((1, 3, min(h, 224), min(w, 224)),
+                                 generator=g)
+        device = next(model.parameters()).device
+        x = images[:1].to(device)
+        model.eval()
+        quant = _flatten_feats(model.extract_feat(x))
+        try:
+            for q in states:
+                q.state = 'disabled'
+            fp = _flatten_feats(model.extract_feat(x))
+        finally:
+            for q, state in states.items():
+                q.state = state
+        diff = (quant - fp).double()
+        out = dict(checked=True, features='backbone+neck',
+                   max_abs=float(diff.abs().max()),
+                   rel_l2=float(diff.norm() / fp.double().norm().clamp(
+                       min=1e-12)))
+        if out['max_abs'] == 0.0:
+            raise DFQRunError(
+                'quantization had no effect: the quantized backbone/neck '
+                'give exactly the FP features (every quantizer disabled or '
+                'uncalibrated?)')
+        return out
+
+
+def _flatten_feats(feats):
+    if torch.is_tensor(feats):
+        return feats.flatten()
+    return torch.cat([f.flatten() for f in feats])
+
+
+def _batch_key(path):
+    """The synthesis key stored in a batch file (None if unreadable)."""
+    from ..utils.checkpoint import safe_torch_load
+    try:
+        return safe_torch_load(path).get('key')
+    except Exception:  # noqa: BLE001  (a broken batch is synthesized again)
+        return None
+
+
+def _previous_run_id(work_dir):
+    """The run id recorded in the results of an earlier run, if any."""
+    try:
+        with open(osp.join(work_dir, RESULTS)) as f:
+            return json.load(f).get('run_id')
+    except Exception:  # noqa: BLE001  (missing or unreadable)
+        return None

@@ -11,12 +11,14 @@ from .calibrators import (MovingAverageMinMaxObserver, MSEObserver,
                           OMSEObserver, PercentileObserver,
                           PercentileSearchObserver)
 from .convert import (enable_calibration, finish_calibration,
-                      iter_quantizers, quant_state_dict, quantize_model,
-                      set_quantizers_enabled)
+                      iter_quantizers, quant_state_dict, quantization_report,
+                      quantize_model, set_quantizers_enabled)
 from .fake_quant import fake_quantize, round_ste
 from .modules import (QuantConv2d, QuantConvTranspose2d, QuantLinear,
                       QuantMatMul, QuantWeightModule, QuantWindowMSA)
-from .observers import MinMaxObserver, qrange, range_to_qparams
+from .observers import (MinMaxObserver, calibration_step,
+                        current_calibration_step, qrange, range_to_qparams,
+                        replicated_observation)
 from .quantizer import Quantizer, check_bits
 from .softmax_quant import (SoftmaxQuantizer, log2_quantize,
                             log_sqrt2_quantize)
@@ -34,5 +36,7 @@ __all__ = [
     'OMSEObserver', 'range_to_qparams', 'SoftmaxQuantizer', 'log2_quantize',
     'log_sqrt2_quantize', 'validate_quantizer_cfg',
     'PercentileSearchObserver', 'reparameterize_layernorms', 'ROLES',
-    'QuantSetting', 'module_roles', 'validate_setting'
+    'QuantSetting', 'module_roles', 'validate_setting', 'calibration_step',
+    'current_calibration_step', 'replicated_observation',
+    'quantization_report'
 ]

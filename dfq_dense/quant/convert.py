@@ -20,15 +20,16 @@ import torch.nn as nn
 from mmengine.logging import print_log
 
 from .modules import (QuantConv2d, QuantConvTranspose2d, QuantLinear,
-                      QuantWeightModule, QuantWindowMSA)
+                      QuantMatMul, QuantWeightModule, QuantWindowMSA)
 from .quantizer import Quantizer, check_bits
 from .reparam import reparameterize_layernorms
-from .spec import QuantSetting
+from .spec import QuantSetting, module_roles
 from .validate import validate_quantizer_cfg
 
 __all__ = [
     'quantize_model', 'iter_quantizers', 'enable_calibration',
-    'finish_calibration', 'set_quantizers_enabled', 'quant_state_dict'
+    'finish_calibration', 'set_quantizers_enabled', 'quant_state_dict',
+    'quantization_report'
 ]
 
 SCOPES = ('model', 'backbone')
@@ -268,7 +269,8 @@ def finish_calibration(model, reparam=False):
             m.observe_weight()
     for name, q in iter_quantizers(model):
         if q in weight_qs:
-            q.finish_calibration(name)
+            # Weights are identical on every rank: nothing to merge.
+            q.finish_calibration(name, sync=False)
     return folded
 
 
@@ -293,3 +295,69 @@ def quant_state_dict(model):
         out[name] = dict(scale=q.scale.detach().cpu().clone(),
                          zero_point=q.zero_point.detach().cpu().clone())
     return out
+
+
+def _owner(qname):
+    """``(module name, operand)`` of a quantizer's qualified name."""
+    for suffix, operand in (('.input_quantizer', 'input'),
+                            ('.weight_quantizer', 'weight'),
+                            ('.quantizer_a', 'a'), ('.quantizer_b', 'b')):
+        if qname.endswith(suffix):
+            return qname[:-len(suffix)], operand
+    return qname, 'tensor'
+
+
+def quantization_report(model):
+    """What quantization did to ``model``, per role, for the results file.
+
+    Every quantizer is counted under the most specific role of the module
+    it belongs to (:func:`~dfq_dense.quant.spec.module_roles`; ``other``
+    when none applies) as ``quantizing`` or ``disabled``; a disabled one is
+    listed with the reason (observed no data, NaN/Inf calibration input, or
+    never calibrated).  ``modules`` counts the converted layers and matmuls
+    of the role.  Modules left in FP by ``skip`` or an override have no
+    quantizer and are not counted here (``quantized_modules`` in the
+    results lists what was converted).
+
+    Returns:
+        dict: ``{'roles': {role: {'modules', 'quantizers', 'quantizing',
+        'disabled'}}, 'total': {...}, 'disabled': [{'quantizer', 'why'}]}``
+    """
+    roles = OrderedDict()
+    disabled = []
+    modules = {}
+
+    def role_of(name):
+        found = module_roles(name)
+        return found[-1] if found else 'other'
+
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantWeightModule, QuantMatMul)):
+            modules[name] = role_of(name)
+    for name, q in iter_quantizers(model):
+        owner, _ = _owner(name)
+        role = role_of(owner)
+        row = roles.setdefault(role, dict(modules=0, quantizers=0,
+                                          quantizing=0, disabled=0))
+        row['quantizers'] += 1
+        if q.enabled:
+            row['quantizing'] += 1
+            continue
+        row['disabled'] += 1
+        if getattr(q, 'nonfinite', False):
+            why = 'NaN/Inf in its calibration input'
+        elif getattr(q, 'unobserved', False):
+            why = 'observed no calibration data'
+        elif not q.calibrated:
+            why = 'never calibrated'
+        else:
+            why = 'disabled'
+        disabled.append(dict(quantizer=name, why=why))
+    for name, role in modules.items():
+        roles.setdefault(role, dict(modules=0, quantizers=0, quantizing=0,
+                                    disabled=0))['modules'] += 1
+    total = dict(modules=len(modules),
+                 quantizers=sum(r['quantizers'] for r in roles.values()),
+                 quantizing=sum(r['quantizing'] for r in roles.values()),
+                 disabled=sum(r['disabled'] for r in roles.values()))
+    return dict(roles=dict(roles), total=total, disabled=disabled)

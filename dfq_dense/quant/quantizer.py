@@ -33,6 +33,13 @@ def check_bits(bits, name='bits'):
     return bits
 
 
+def _finite(x):
+    """Whether ``x`` holds no NaN / Inf: one min/max pass (NaN propagates
+    through both), cheaper than ``isfinite(x).all()`` on large tensors."""
+    lo, hi = torch.aminmax(x.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 @MODELS.register_module()
 class Quantizer(nn.Module):
     """Fake-quantizes a tensor with observer-calibrated parameters.
@@ -80,30 +87,44 @@ class Quantizer(nn.Module):
                              torch.tensor(0, dtype=torch.int32))
         self.state = 'disabled'
         self.calibrated = granularity == 'token'
+        # Calibration bookkeeping, read by the quantization report:
+        # ``nonfinite``: a calibration input held NaN/Inf; ``unobserved``:
+        # calibration finished without any data reaching this quantizer.
+        self.nonfinite = False
+        self.unobserved = False
+        self.seen = 0  # non-empty tensors seen while calibrating
 
     # ----------------------------------------------------------------- modes
     def enable_calibration(self):
         """Reset the observer and observe (FP pass-through) from now on."""
         if self.observer is not None:
             self.observer.reset()
+        self.nonfinite = False
+        self.unobserved = False
+        self.seen = 0
         self.state = 'calibrating'
 
-    def finish_calibration(self, name=None):
+    def finish_calibration(self, name=None, sync=True):
         """Sync the observer, compute qparams and start quantizing.
 
         If nothing was observed (the tensor never reached this quantizer),
-        the quantizer is left disabled (FP) and a warning is logged.
+        the quantizer is left disabled (FP), ``unobserved`` is set and a
+        warning is logged; the DFQ loop refuses such a run unless told to
+        allow it.  ``sync=False`` skips the all-reduce (weights: every rank
+        holds the same tensor, merging copies would count it twice).
         """
         if self.observer is None:
             # Per-token (dynamic) quantizers, and ones whose qparams were
             # fixed by a LayerNorm reparameterisation: nothing to compute.
             self.state = 'quantizing' if self.calibrated else 'disabled'
             return
-        self.observer.sync()
+        if sync:
+            self.observer.sync()
         if not self.observer.observed:
             print_log(f'Quantizer {name or ""} observed no data; it stays '
                       'disabled (full precision).', logger='current',
                       level=30)
+            self.unobserved = True
             self.state = 'disabled'
             return
         scale, zero_point, qmin, qmax = self.observer.compute_qparams(
@@ -133,7 +154,14 @@ class Quantizer(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, x):
         if self.state == 'calibrating':
+            if x.numel():
+                self.seen += 1
             if self.observer is not None:
+                if x.numel() and not _finite(x):
+                    # Recorded, not observed: the DFQ loop stops the run
+                    # naming this quantizer (NaN would poison the range).
+                    self.nonfinite = True
+                    return x
                 self.observer.observe(x)
             return x
         if self.state == 'disabled':

@@ -33,7 +33,7 @@ import torch
 
 from ..registry import MODELS
 from .fake_quant import fake_quantize, round_ste
-from .quantizer import Quantizer
+from .quantizer import Quantizer, _finite
 
 __all__ = ['SoftmaxQuantizer', 'SOFTMAX_MODES', 'LOG_MODES',
            'log2_quantize', 'log_sqrt2_quantize']
@@ -94,13 +94,20 @@ class SoftmaxQuantizer(Quantizer):
                 self.scale = torch.tensor(1.0 / float(2 ** bits - 1))
             # zero_point stays 0; log modes do not use scale / zero_point.
 
-    def finish_calibration(self, name=None):
+    def finish_calibration(self, name=None, sync=True):
         if self.needs_calibration:
-            return super().finish_calibration(name)
+            return super().finish_calibration(name, sync)
+        # A fixed grid needs no data, but the attention must have run.
+        self.unobserved = self.seen == 0
         self.state = 'quantizing'
 
     def forward(self, x):
         if self.state == 'calibrating':
+            if x.numel():
+                self.seen += 1
+            if x.numel() and not _finite(x):
+                self.nonfinite = True
+                return x
             if self.needs_calibration:
                 self.observer.observe(x)
             return x

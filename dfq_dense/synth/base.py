@@ -9,10 +9,12 @@ the space of the tensors the backbone receives.  ``generate`` returns a float
 tensor ``(N, 3, H, W)`` in that space.
 """
 import contextlib
+import hashlib
 import math
 import os
 import os.path as osp
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import (Callable, Dict, Iterable, List, Optional, Sequence,
+                    Tuple, Union)
 
 import torch
 from mmengine.logging import MessageHub, print_log
@@ -88,25 +90,35 @@ def save_images(x: torch.Tensor,
     """Write ``synthetic_images.pth`` and ``synthetic_grid.png``.
 
     The ``.pth`` holds ``{'images': normalised float tensor (CPU), 'mean',
-    'std', 'meta'}``; the PNG is a de-normalised grid (written with cv2 after
-    RGB -> BGR).  Returns the path of the ``.pth``.
+    'std', 'meta'}``; the PNG is a de-normalised grid (RGB -> BGR, encoded
+    with cv2).  Both are written atomically (a temporary sibling renamed
+    into place), so a killed run or a full disk never leaves a truncated
+    file; a PNG that cannot be encoded raises instead of being skipped.
+    Returns the path of the ``.pth``.
     """
     import cv2
     from torchvision.utils import make_grid
+
+    from ..utils.fileio import atomic_path, torch_save_atomic
     os.makedirs(out_dir, exist_ok=True)
     meta = dict(meta or {})
     meta.setdefault('channel_order', 'rgb')
     meta.setdefault('space', 'normalised')
     path = osp.join(out_dir, SYNTH_FILE)
-    torch.save(
+    rgb = denormalize(x.detach().cpu(), mean, std)
+    grid = make_grid(rgb, nrow=min(nrow, max(1, rgb.shape[0])), padding=2)
+    grid = grid.permute(1, 2, 0).contiguous().numpy()  # H, W, RGB
+    ok, png = cv2.imencode('.png', grid[:, :, ::-1].copy())
+    if not ok:
+        raise OSError(f'could not encode {osp.join(out_dir, GRID_FILE)}')
+    torch_save_atomic(
         dict(images=x.detach().cpu().float(),
              mean=torch.as_tensor(mean).float().reshape(-1, 1, 1).cpu(),
              std=torch.as_tensor(std).float().reshape(-1, 1, 1).cpu(),
              meta=meta), path)
-    rgb = denormalize(x.detach().cpu(), mean, std)
-    grid = make_grid(rgb, nrow=min(nrow, max(1, rgb.shape[0])), padding=2)
-    grid = grid.permute(1, 2, 0).contiguous().numpy()  # H, W, RGB
-    cv2.imwrite(osp.join(out_dir, GRID_FILE), grid[:, :, ::-1].copy())
+    with atomic_path(osp.join(out_dir, GRID_FILE), '.png') as tmp:
+        with open(tmp, 'wb') as f:
+            f.write(png.tobytes())
     return path
 
 
@@ -194,6 +206,27 @@ def roll_flip(x: torch.Tensor, generator: torch.Generator, jitter: int,
     return x
 
 
+def batch_seed(seed: int, batch_idx: int) -> int:
+    """Seed of the generator of batch ``batch_idx``.
+
+    Every batch draws from its own CPU generator, so a batch's images depend
+    only on the seed, the batch index and the settings: not on which
+    batches were synthesized before it in this process.  That is what lets
+    a synthesis be split across ranks and resumed after an interruption
+    with bit-identical images.  Batch 0 uses ``seed`` itself (a one-batch
+    run is unchanged by this scheme); batch ``b > 0`` uses the first 63
+    bits of ``sha256("seed:b")``.
+    """
+    if batch_idx == 0:
+        return int(seed)
+    digest = hashlib.sha256(f'{int(seed)}:{int(batch_idx)}'.encode())
+    return int.from_bytes(digest.digest()[:8], 'big') >> 1
+
+
+TAU_PER = ('run', 'iteration')
+TV_ON = ('augmented', 'raw')
+
+
 class PixelAdamMixin:
     """PSAQ-ViT's pixel-optimisation recipe, reused by SPDFQ.
 
@@ -250,6 +283,20 @@ class PixelAdamMixin:
 # --------------------------------------------------------------------------
 # base synthesizer
 # --------------------------------------------------------------------------
+class SynthesisError(RuntimeError):
+    """A synthesis that went wrong (NaN / Inf images or loss): one line."""
+
+
+def check_finite_images(x: torch.Tensor, what: str) -> None:
+    """Raise :class:`SynthesisError` if ``x`` holds NaN or Inf."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        raise SynthesisError(
+            f'{what}: {100.0 * bad.float().mean().item():.1f}% of the '
+            'pixels are NaN/Inf (diverged: lower the learning rate or a '
+            'loss weight, check bandwidth / tv_weight)')
+
+
 def get_backbone(model: nn.Module) -> nn.Module:
     backbone = getattr(model, 'backbone', None)
     if backbone is None:
@@ -392,29 +439,63 @@ class BaseSynthesizer:
         Returns:
             CPU float tensor ``(num_images, 3, H, W)``, normalised space.
         """
+        out = self.generate_batches(model, range(self.num_batches),
+                                    data_preprocessor_cfg, img_size)
+        return torch.cat([out[b] for b in sorted(out)], 0)
+
+    def batch_sizes(self) -> List[int]:
+        """Number of images of each batch (the last one may be smaller)."""
+        return [min(self.batch_size, self.num_images - b * self.batch_size)
+                for b in range(self.num_batches)]
+
+    def generate_batches(self,
+                         model: nn.Module,
+                         batches: Iterable[int],
+                         data_preprocessor_cfg: Optional[dict] = None,
+                         img_size: Optional[Union[int, Sequence[int]]] = None,
+                         on_batch: Optional[Callable[[int, torch.Tensor],
+                                                     None]] = None
+                         ) -> Dict[int, torch.Tensor]:
+        """Synthesize the batches ``batches`` (indices into
+        ``range(num_batches)``), each from its own generator
+        (:func:`batch_seed`), so any subset gives the same images as the
+        full run.  ``on_batch(b, images)`` is called as each batch
+        finishes (the DFQ loop writes it to disk there).
+
+        Returns:
+            ``{batch index: CPU float tensor (n, 3, H, W)}``.
+        """
         H, W = self._hw(img_size if img_size is not None else self.img_size)
         self.mean, self.std = get_mean_std(model, data_preprocessor_cfg)
         backbone = get_backbone(model)
         device = self._device(backbone)
-        generator = torch.Generator().manual_seed(self.seed)
+        sizes = self.batch_sizes()
+        batches = sorted(set(int(b) for b in batches))
+        for b in batches:
+            if not 0 <= b < len(sizes):
+                raise ValueError(f'batch {b} out of range(0, {len(sizes)})')
         self.history = []
-        out = []
-        bar = self._progress_bar(self.num_batches * self._bar_steps())
+        out = {}
+        bar = self._progress_bar(len(batches) * self._bar_steps())
         try:
             with frozen_backbone(backbone):
-                done = 0
-                for b in range(self.num_batches):
-                    n = min(self.batch_size, self.num_images - done)
-                    x = self.synthesize_batch(backbone, n, (H, W), device,
-                                              generator, batch_idx=b, bar=bar)
+                for b in batches:
+                    generator = torch.Generator().manual_seed(
+                        batch_seed(self.seed, b))
+                    x = self.synthesize_batch(backbone, sizes[b], (H, W),
+                                              device, generator,
+                                              batch_idx=b, bar=bar)
                     x = clamp_to_range(x.detach(), self.mean.to(x.device),
-                                       self.std.to(x.device))
-                    out.append(x.cpu())
-                    done += n
+                                       self.std.to(x.device)).cpu()
+                    check_finite_images(x, f'{type(self).__name__} batch '
+                                        f'{b + 1}/{len(sizes)}')
+                    out[b] = x
+                    if on_batch is not None:
+                        on_batch(b, x)
         finally:
             if bar is not None and hasattr(bar, 'close'):
                 bar.close()
-        return torch.cat(out, 0)
+        return out
 
     def synthesize_batch(self, backbone: nn.Module, n: int,
                          hw: Tuple[int, int], device: torch.device,
@@ -447,6 +528,13 @@ class BaseSynthesizer:
         self.history.append(dict(log))
         terms = {k: float(v) for k, v in log.items()
                  if k not in ('batch', 'iter')}
+        bad = [k for k, v in terms.items() if not math.isfinite(v)]
+        if bad:
+            raise SynthesisError(
+                f'{type(self).__name__} {prefix} batch {log["batch"] + 1}'
+                f'/{self.num_batches} iter {log["iter"]}: loss term(s) '
+                f'{", ".join(bad)} are NaN/Inf (diverged: lower the '
+                'learning rate or the weight of that term)')
         hub = MessageHub.get_current_instance()
         for key, value in terms.items():
             hub.update_scalar(f'{prefix}/{key}', value)
