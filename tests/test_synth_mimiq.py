@@ -124,11 +124,14 @@ def test_inter_head_zero_when_heads_equal():
 
 
 def test_inter_head_matches_brute_force():
+    # _brute_inter_head averages over the pairs i < j (head_pairs=
+    # 'distinct', earlier versions); the released H x H average (the
+    # default) is checked in tests/test_fidelity_schedules.py
     g = torch.Generator().manual_seed(2)
     # 2 heads, 1 window, 4 tokens, the last one padding
     logits = torch.randn(1, 1, 2, 4, 4, generator=g, dtype=torch.float64)
     valid = torch.tensor([[[True, True, True, False]]])
-    got = inter_head_similarity(logits, valid).item()
+    got = inter_head_similarity(logits, valid, pairs='distinct').item()
     ref = _brute_inter_head(logits.numpy(), valid.numpy())
     assert abs(got - ref) < 1e-12 and 0 < got < 1
     # 3 heads, 2 images x 2 windows with different padding
@@ -136,22 +139,23 @@ def test_inter_head_matches_brute_force():
     valid = torch.tensor([[True, True, True, True], [True, False, True,
                                                      False]])
     valid = valid.unsqueeze(0).expand(2, 2, 4)
-    got = inter_head_similarity(logits, valid).item()
+    got = inter_head_similarity(logits, valid, pairs='distinct').item()
     assert abs(got - _brute_inter_head(logits.numpy(), valid.numpy())) < 1e-12
     # no mask = all valid
     full = torch.ones(2, 2, 4, dtype=torch.bool)
-    assert abs(inter_head_similarity(logits).item() -
+    assert abs(inter_head_similarity(logits, pairs='distinct').item() -
                _brute_inter_head(logits.numpy(), full.numpy())) < 1e-12
     # layer mean, list and record inputs
     l2 = torch.randn(1, 1, 2, 4, 4, generator=g, dtype=torch.float64)
     loss, per = inter_head_similarity_loss(
         [dict(logits=logits, valid=valid), dict(logits=l2, valid=None)],
-        return_per_layer=True)
+        return_per_layer=True, pairs='distinct')
     assert per.shape == (2, )
     assert abs(per[0].item() - got) < 1e-12
     assert abs(loss.item() - per.mean().item()) < 1e-12
     assert torch.allclose(inter_head_similarity_loss([logits, l2],
-                                                     [valid, None]), loss)
+                                                     [valid, None],
+                                                     pairs='distinct'), loss)
     with pytest.raises(ValueError, match='no logits'):
         inter_head_similarity_loss([])
 

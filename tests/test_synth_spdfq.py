@@ -112,13 +112,20 @@ def _hand_records(L, depths, g, pad=True):
     return recs
 
 
+def _apa_mean(*args, **kw):
+    # _brute_apa is the head *mean* of earlier versions (apa_heads='mean');
+    # the paper's head sum (the default) is checked in
+    # tests/test_fidelity_schedules.py
+    return attention_prior_alignment_loss(*args, heads='mean', **kw)
+
+
 def test_apa_loss_vs_brute_force():
     g = torch.Generator().manual_seed(0)
     L = 4
     recs = _hand_records(L, [1, 2, 3, 4], g)
     priors = [gaussian_mixture_prior(2, (2, 2), 3, g).double()
               for _ in range(L)]
-    loss, per_block = attention_prior_alignment_loss(
+    loss, per_block = _apa_mean(
         recs, priors, return_per_block=True)
     ref = _brute_apa(recs, priors, L)
     assert abs(loss.item() - ref) < 1e-10
@@ -128,23 +135,23 @@ def test_apa_loss_vs_brute_force():
         < 1e-6
     # shallow blocks are ignored entirely (even without a prior)
     priors_none = [None, None] + priors[2:]
-    assert torch.allclose(attention_prior_alignment_loss(recs, priors_none),
+    assert torch.allclose(_apa_mean(recs, priors_none),
                           loss)
     # dict priors keyed by depth give the same
     assert torch.allclose(
-        attention_prior_alignment_loss(recs, {3: priors[2], 4: priors[3]}),
+        _apa_mean(recs, {3: priors[2], 4: priors[3]}),
         loss)
     # all blocks, unit weights
-    full = attention_prior_alignment_loss(recs, priors, deeper_half=False,
+    full = _apa_mean(recs, priors, deeper_half=False,
                                           depth_weight=False)
-    _, pb = attention_prior_alignment_loss(recs, priors, deeper_half=False,
+    _, pb = _apa_mean(recs, priors, deeper_half=False,
                                            return_per_block=True)
     assert abs(full.item() - sum(v.item() for v in pb.values())) < 1e-6
     # odd L: l > L / 2 = 2.5 -> block 3 of 5 counts, block 2 does not
     recs5 = _hand_records(5, [2, 3], g)
     priors5 = [gaussian_mixture_prior(2, (2, 2), 3, g).double()
                for _ in range(5)]
-    l5, pb5 = attention_prior_alignment_loss(recs5, priors5,
+    l5, pb5 = _apa_mean(recs5, priors5,
                                              return_per_block=True)
     assert sorted(pb5) == [3]
     assert abs(l5.item() - _brute_apa(recs5, priors5, 5)) < 1e-10

@@ -188,22 +188,49 @@ def warmup_cosine_lr(it: int, lr: float, warmup_iters: int,
     return lr * 0.5 * (1 + math.cos(math.pi * (it - w) / (T - w)))
 
 
-def roll_flip(x: torch.Tensor, generator: torch.Generator, jitter: int,
-              flip: bool) -> torch.Tensor:
-    """Random roll of ``(N, C, H, W)`` by up to ``jitter`` px in both axes,
-    then a horizontal flip with p=0.5 (differentiable, nothing to undo).
+JITTER_SHIFTS = ('shared', 'independent')
 
-    Draws from ``generator`` in this order: the two shifts (only when
-    ``jitter > 0``), then the flip (only when ``flip``); the synthesizers'
-    images for a seed depend on this order.
+
+def roll_flip(x: torch.Tensor, generator: torch.Generator, jitter: int,
+              flip: bool, shift: str = 'independent') -> torch.Tensor:
+    """Random roll of ``(N, C, H, W)`` by up to ``jitter`` px, then a
+    horizontal flip with p=0.5 (differentiable, nothing to undo).
+
+    ``shift='independent'`` draws the vertical and the horizontal offset
+    separately (DeepInversion's jitter); ``'shared'`` draws one offset
+    ``off ~ U{-jitter..jitter}`` and rolls by ``(off, off)``, as the official
+    PSAQ-ViT code does (``generate_data.py``: ``off = random.randint(-lim,
+    lim)``, ``torch.roll(img, shifts=(off, off), dims=(2, 3))``).
+
+    Draws from ``generator`` in this order: the shift(s) (two for
+    ``'independent'``, one for ``'shared'``; only when ``jitter > 0``), then
+    the flip (only when ``flip``); the synthesizers' images for a seed
+    depend on this order.
     """
+    if shift not in JITTER_SHIFTS:
+        raise ValueError(f'shift must be one of {JITTER_SHIFTS}, got '
+                         f'{shift!r}')
     if jitter > 0:
-        dx, dy = torch.randint(-jitter, jitter + 1, (2, ),
-                               generator=generator).tolist()
+        if shift == 'shared':
+            off = int(torch.randint(-jitter, jitter + 1, (1, ),
+                                    generator=generator).item())
+            dx = dy = off
+        else:
+            dx, dy = torch.randint(-jitter, jitter + 1, (2, ),
+                                   generator=generator).tolist()
         x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
     if flip and torch.rand((), generator=generator).item() < 0.5:
         x = torch.flip(x, dims=(3, ))
     return x
+
+
+def draw_tau(tau_range: Tuple[float, float],
+             generator: Optional[torch.Generator] = None) -> float:
+    """One TV target ``tau ~ U(tau_range)`` (unscaled), drawn exactly as
+    :func:`~dfq_dense.synth.losses.tv_prior_loss` draws it (one
+    ``torch.rand`` from ``generator``)."""
+    u = torch.rand((), generator=generator).item()
+    return tau_range[0] + (tau_range[1] - tau_range[0]) * u
 
 
 def batch_seed(seed: int, batch_idx: int) -> int:
@@ -231,53 +258,140 @@ class PixelAdamMixin:
     """PSAQ-ViT's pixel-optimisation recipe, reused by SPDFQ.
 
     Provides the settings (:meth:`_init_pixel_adam`), the learning rate of
-    an iteration (:meth:`lr_at`: warm-up + cosine), the augmentation
-    (:meth:`augment`: roll jitter + flip) and the TV prior with a random
-    target (:meth:`tv_prior`).  Mix in before :class:`BaseSynthesizer`
-    (one progress-bar step per iteration).
+    an iteration (:meth:`lr_at`: warm-up + cosine, restarted every round),
+    the augmentation (:meth:`augment`: roll jitter + flip, the jitter of the
+    round) and the TV prior with a random target (:meth:`tv_prior`,
+    :meth:`draw_tau`, :meth:`tv_input`).  Mix in before
+    :class:`BaseSynthesizer` (one progress-bar step per iteration).
+
+    Rounds.  ``synth_rounds`` rounds of ``iterations`` iterations each
+    (``iterations`` counts the iterations *of one round*): every round has
+    its own linear warm-up over ``warmup_iters`` iterations then cosine
+    decay to 0, and its own maximal roll ``jitter_at(round)``; the
+    optimizer (and its state) is shared by the rounds.  This is the
+    official PSAQ-ViT schedule (``generate_data.py``: ``for lr_it in
+    range(2)``, 500 iterations each, ``lr_cosine_policy(lr, 100, 500)`` per
+    round, ``lim = 15`` then ``30``, one ``optim.Adam`` created before the
+    rounds).
     """
 
     def _init_pixel_adam(self, lr: float, betas: Tuple[float, float],
-                         warmup_iters: Optional[int], jitter: int,
+                         warmup_iters: Optional[int],
+                         jitter: Union[int, Sequence[int]],
                          flip: bool, tv_weight: float,
                          tau_range: Tuple[float, float],
-                         tau_ref_pixels: int) -> None:
-        """Store the recipe's settings; ``warmup_iters`` None means
-        ``min(100, iterations // 5)`` (call after ``BaseSynthesizer``'s
-        ``__init__``, which sets ``iterations``)."""
+                         tau_ref_pixels: int,
+                         synth_rounds: int = 1,
+                         jitter_shift: str = 'independent',
+                         tau_per: str = 'iteration',
+                         tv_on: str = 'raw') -> None:
+        """Store the recipe's settings (call after ``BaseSynthesizer``'s
+        ``__init__``, which sets ``iterations``, the iterations per round).
+
+        Args:
+            warmup_iters: warm-up of every round; None means
+                ``min(100, iterations // 5)`` (100 for the official 500).
+            jitter: maximal roll in pixels: an int (every round), or one
+                per round (round ``r`` uses ``jitter[min(r, len - 1)]``, so
+                extra entries are ignored and the last one repeats).
+            synth_rounds: number of rounds (>= 1).
+            jitter_shift: ``'shared'`` (one offset for both axes, official
+                PSAQ-ViT) or ``'independent'`` (see :func:`roll_flip`).
+            tau_per: ``'run'`` draws the TV target once per synthesized
+                batch (:meth:`draw_tau`, official PSAQ-ViT: ``var_pred``
+                drawn once before the rounds); ``'iteration'`` draws a new
+                one every iteration.
+            tv_on: ``'augmented'`` takes the TV prior on the jittered /
+                flipped batch (official PSAQ-ViT:
+                ``get_image_prior_losses(img_jit)``); ``'raw'`` on the
+                un-augmented pixels.
+        """
         self.lr = float(lr)
         self.betas = tuple(betas)
         self.warmup_iters = (min(100, self.iterations // 5)
                              if warmup_iters is None else int(warmup_iters))
-        self.jitter = int(jitter)
+        if int(synth_rounds) < 1:
+            raise ValueError(f'{type(self).__name__}: synth_rounds must be '
+                             f'>= 1, got {synth_rounds}')
+        self.synth_rounds = int(synth_rounds)
+        values = [jitter] if isinstance(jitter, (int, float)) \
+            else list(jitter)
+        if len(values) == 0 or any(int(v) != v or v < 0 for v in values):
+            raise ValueError(f'{type(self).__name__}: jitter must be an '
+                             'integer >= 0 or one per round, got '
+                             f'{jitter!r}')
+        self.jitters = tuple(int(v) for v in values)
+        self.jitter = self.jitters[0]
+        for key, value, allowed in (('jitter_shift', jitter_shift,
+                                     JITTER_SHIFTS),
+                                    ('tau_per', tau_per, TAU_PER),
+                                    ('tv_on', tv_on, TV_ON)):
+            if value not in allowed:
+                raise ValueError(f'{type(self).__name__}: {key} must be one '
+                                 f'of {allowed}, got {value!r}')
+        self.jitter_shift = jitter_shift
+        self.tau_per = tau_per
+        self.tv_on = tv_on
         self.flip = bool(flip)
         self.tv_weight = float(tv_weight)
         self.tau_range = tuple(tau_range)
         self.tau_ref_pixels = int(tau_ref_pixels)
 
+    @property
+    def total_iterations(self) -> int:
+        """Iterations of one batch over all rounds."""
+        return self.synth_rounds * self.iterations
+
+    def round_of(self, it: int) -> int:
+        """Round (0-based) of the batch iteration ``it`` (0-based, counted
+        over all rounds)."""
+        return min(it // max(1, self.iterations), self.synth_rounds - 1)
+
     def lr_at(self, it: int) -> float:
-        """Learning rate of iteration ``it`` (0-based): warm-up + cosine
-        (:func:`warmup_cosine_lr`)."""
-        return warmup_cosine_lr(it, self.lr, self.warmup_iters,
+        """Learning rate of the batch iteration ``it`` (0-based, counted
+        over all rounds): :func:`warmup_cosine_lr` of the iteration within
+        its round, so every round warms up and decays again."""
+        within = it - self.round_of(it) * self.iterations
+        return warmup_cosine_lr(within, self.lr, self.warmup_iters,
                                 self.iterations)
 
-    def augment(self, x: torch.Tensor,
-                generator: torch.Generator) -> torch.Tensor:
-        """Random roll jitter and horizontal flip (differentiable,
-        :func:`roll_flip`)."""
-        return roll_flip(x, generator, self.jitter, self.flip)
+    def jitter_at(self, round_idx: int = 0) -> int:
+        """Maximal roll (pixels) of round ``round_idx``."""
+        return self.jitters[min(int(round_idx), len(self.jitters) - 1)]
 
-    def tv_prior(self, x: torch.Tensor,
-                 generator: torch.Generator) -> torch.Tensor:
+    def augment(self, x: torch.Tensor, generator: torch.Generator,
+                round_idx: int = 0) -> torch.Tensor:
+        """Random roll jitter (the round's maximum) and horizontal flip
+        (differentiable, :func:`roll_flip`)."""
+        return roll_flip(x, generator, self.jitter_at(round_idx), self.flip,
+                         self.jitter_shift)
+
+    def draw_tau(self, generator: torch.Generator) -> Optional[float]:
+        """The batch's TV target with ``tau_per='run'`` (one draw, see
+        :func:`draw_tau`); None with ``'iteration'`` (:meth:`tv_prior`
+        then draws one every call)."""
+        if self.tau_per != 'run':
+            return None
+        return draw_tau(self.tau_range, generator)
+
+    def tv_input(self, x: torch.Tensor, x_aug: torch.Tensor) -> torch.Tensor:
+        """The batch the TV prior sees: ``x_aug`` (``tv_on='augmented'``)
+        or ``x`` (``'raw'``)."""
+        return x_aug if self.tv_on == 'augmented' else x
+
+    def tv_prior(self, x: torch.Tensor, generator: torch.Generator,
+                 tau: Optional[float] = None) -> torch.Tensor:
         """:func:`~dfq_dense.synth.losses.tv_prior_loss` of ``x`` with the
-        recipe's weight and random target (already weighted)."""
+        recipe's weight and target (already weighted): ``tau`` (unscaled,
+        e.g. from :meth:`draw_tau`) or, when None, a fresh draw from
+        ``generator``."""
         return tv_prior_loss(x, weight=self.tv_weight,
                              tau_range=self.tau_range,
                              ref_pixels=self.tau_ref_pixels,
-                             generator=generator)
+                             generator=generator, tau=tau)
 
     def _bar_steps(self) -> int:
-        return max(1, self.iterations)
+        return max(1, self.total_iterations)
 
 
 # --------------------------------------------------------------------------

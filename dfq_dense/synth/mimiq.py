@@ -40,6 +40,11 @@ SSIM_C2 = 0.03**2
 #: Pixels of the batch MimiQ's TV weight was tuned for (16 x 224 x 224).
 MIMIQ_TV_REF_PIXELS = 16 * 224 * 224
 
+#: Which head pairs the inter-head similarity averages over: ``'all'``, the
+#: full H x H matrix with the diagonal (the released form); ``'distinct'``,
+#: the pairs i < j (earlier versions of this suite).
+HEAD_PAIRS = ('all', 'distinct')
+
 Dims = Union[int, Sequence[int]]
 
 
@@ -75,17 +80,24 @@ def ssim_maps(a: torch.Tensor, b: torch.Tensor, c1: float = SSIM_C1,
 def inter_head_similarity(logits: torch.Tensor,
                           valid: Optional[torch.Tensor] = None,
                           c1: float = SSIM_C1, c2: float = SSIM_C2,
-                          eps: float = 1e-8) -> torch.Tensor:
+                          eps: float = 1e-8,
+                          pairs: str = 'all') -> torch.Tensor:
     """MimiQ inter-head similarity loss of one attention layer.
 
     For every (image, window, query, head) the logits over the *valid* keys
     are min-max normalised to [0, 1] (``(l - min) / max(max - min, eps)``);
-    the normalised key map of every pair of heads ``(i < j)`` is compared
-    with :func:`ssim_maps` (global SSIM over the valid keys of the window,
-    i.e. the 7x7 map flattened); the loss is ``1 - SSIM^2`` averaged over
-    the pairs and over all valid queries of all windows and images (each
+    the normalised key maps of the heads are compared pairwise with
+    :func:`ssim_maps` (global SSIM over the valid keys of the window, i.e.
+    the 7x7 map flattened); the loss is ``1 - SSIM^2`` averaged over the
+    head pairs and over all valid queries of all windows and images (each
     valid query counts once).  Padding keys take no part in the min/max nor
     in the SSIM statistics; padding queries are left out of the mean.
+
+    ``pairs='all'`` (default) averages over the full ``H x H`` matrix of
+    ordered pairs, the diagonal included, as the released MimiQ code does
+    (the diagonal terms are ``1 - 1 = 0``, so this is ``(H - 1) / H`` times
+    the ``'distinct'`` value); ``pairs='distinct'`` averages over the
+    ``H (H - 1) / 2`` pairs ``i < j`` (earlier versions of this suite).
 
     Args:
         logits: ``(B, nW, heads, N, N)`` (query on dim -2, key on dim -1),
@@ -97,6 +109,8 @@ def inter_head_similarity(logits: torch.Tensor,
         scalar in ``[0, 1]``; 0 when all heads are identical.  0 (with a
         graph) for a single head.
     """
+    if pairs not in HEAD_PAIRS:
+        raise ValueError(f'pairs must be one of {HEAD_PAIRS}, got {pairs!r}')
     if logits.dim() != 5:
         raise ValueError('inter_head_similarity expects logits of shape '
                          f'(B, nW, heads, N, N), got {tuple(logits.shape)}')
@@ -124,7 +138,12 @@ def inter_head_similarity(logits: torch.Tensor,
     cov = torch.einsum('bwiqk,bwjqk->bwqij', d, d) / n_keys  # (B,nW,N,h,h)
     mu = mu[..., 0].transpose(2, 3)  # (B, nW, N, h)
     var = var.transpose(2, 3)
-    i, j = torch.triu_indices(h, h, 1, device=x.device)
+    if pairs == 'all':  # every ordered pair (i, j), the diagonal included
+        i, j = (t.reshape(-1) for t in torch.meshgrid(
+            torch.arange(h, device=x.device),
+            torch.arange(h, device=x.device), indexing='ij'))
+    else:
+        i, j = torch.triu_indices(h, h, 1, device=x.device)
     mu_i, mu_j = mu[..., i], mu[..., j]  # (B, nW, N, P)
     ssim = ((2 * mu_i * mu_j + c1) * (2 * cov[..., i, j] + c2)) / (
         (mu_i * mu_i + mu_j * mu_j + c1) * (var[..., i] + var[..., j] + c2))
@@ -151,7 +170,8 @@ def _layers(logits, valid):
 
 def inter_head_similarity_loss(logits, valid=None, c1: float = SSIM_C1,
                                c2: float = SSIM_C2, eps: float = 1e-8,
-                               return_per_layer: bool = False):
+                               return_per_layer: bool = False,
+                               pairs: str = 'all'):
     """MimiQ inter-head attention similarity loss, mean over layers.
 
     Args:
@@ -162,6 +182,8 @@ def inter_head_similarity_loss(logits, valid=None, c1: float = SSIM_C1,
         valid: ``(B, nW, N)`` bool mask (or a list, one per layer) when
             ``logits`` are tensors; ignored for records.
         return_per_layer: also return the ``(L,)`` detached per-layer losses.
+        pairs: ``'all'`` (H x H, diagonal included, released form) or
+            ``'distinct'`` (i < j).
 
     See :func:`inter_head_similarity` for the per-layer definition.
     """
@@ -170,7 +192,7 @@ def inter_head_similarity_loss(logits, valid=None, c1: float = SSIM_C1,
         raise ValueError('inter_head_similarity_loss got no logits: was the '
                          'backbone run inside an AttnLogitsRecorder?')
     per_layer = torch.stack([
-        inter_head_similarity(lg, v, c1=c1, c2=c2, eps=eps)
+        inter_head_similarity(lg, v, c1=c1, c2=c2, eps=eps, pairs=pairs)
         for lg, v in layers
     ])
     loss = per_layer.mean()
@@ -306,8 +328,9 @@ class MimiQ(BaseSynthesizer):
 
     Args (beyond :class:`BaseSynthesizer`):
         lr, min_lr: cosine schedule of AdamW (0.1 -> 1e-3, MimiQ).
-        betas, weight_decay: AdamW settings (PyTorch defaults: (0.9, 0.999),
-            0.01).
+        betas, weight_decay: AdamW settings ((0.9, 0.999), PyTorch's
+            default betas, and 1e-6, MimiQ's synthesis setting; earlier
+            versions used PyTorch's default weight decay 0.01).
         jitter: max random roll in pixels; an int, or ``(early, late)``
             max rolls, ``late`` used from ``jitter_switch * iterations`` on
             (MimiQ: 8 px then 16 px, read here as the first and second half
@@ -331,6 +354,10 @@ class MimiQ(BaseSynthesizer):
         num_classes, logit_scale: the
             :class:`~dfq_dense.synth.feature_targets.RandomProjectionHead`.
         ssim_c1, ssim_c2: SSIM constants (0.01^2, 0.03^2).
+        head_pairs: head pairs of the similarity (see
+            :func:`inter_head_similarity`): ``'all'`` (H x H with the
+            diagonal, as released, default) or ``'distinct'`` (i < j, the
+            behaviour of earlier versions).
         student_step: the distillation after calibration (component
             ``distill``, on by default), a
             :class:`~dfq_dense.synth.distill.StudentStep` config: MimiQ's
@@ -355,7 +382,7 @@ class MimiQ(BaseSynthesizer):
                  lr: float = 0.1,
                  min_lr: float = 1e-3,
                  betas: Tuple[float, float] = (0.9, 0.999),
-                 weight_decay: float = 0.01,
+                 weight_decay: float = 1e-6,
                  jitter: Union[int, Sequence[int]] = (8, 16),
                  jitter_switch: float = 0.5,
                  flip: bool = True,
@@ -371,6 +398,7 @@ class MimiQ(BaseSynthesizer):
                  logit_scale: float = 1.0,
                  ssim_c1: float = SSIM_C1,
                  ssim_c2: float = SSIM_C2,
+                 head_pairs: str = 'all',
                  student_step: Optional[dict] = None,
                  log_interval: int = 50,
                  progress: bool = True,
@@ -407,6 +435,10 @@ class MimiQ(BaseSynthesizer):
         self.num_classes = int(num_classes)
         self.ssim_c1 = float(ssim_c1)
         self.ssim_c2 = float(ssim_c2)
+        if head_pairs not in HEAD_PAIRS:
+            raise ValueError(f'MimiQ: head_pairs must be one of '
+                             f'{HEAD_PAIRS}, got {head_pairs!r}')
+        self.head_pairs = head_pairs
         self.head = RandomProjectionHead(num_classes=num_classes,
                                          logit_scale=logit_scale, seed=seed)
         self.student_step = StudentStep.build(
@@ -513,7 +545,8 @@ class MimiQ(BaseSynthesizer):
                 loss_hs = loss_ce = loss_tv = zero
                 if rec is not None:
                     loss_hs = inter_head_similarity_loss(
-                        rec.records, c1=self.ssim_c1, c2=self.ssim_c2)
+                        rec.records, c1=self.ssim_c1, c2=self.ssim_c2,
+                        pairs=self.head_pairs)
                     rec.clear()
                     loss = loss + self.head_sim_weight * loss_hs
                 if comp['pseudo_label']:

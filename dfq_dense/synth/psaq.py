@@ -6,7 +6,7 @@ attention of the backbone, the within-window patch similarity of the
 attention output has maximal entropy (diverse, "natural" patch structure),
 plus a total-variation prior.
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -14,40 +14,92 @@ from ..registry import MODELS
 from .base import (BaseSynthesizer, PixelAdamMixin, clamp_to_range,
                    get_backbone)
 from .hooks import AttnOutputRecorder
-from .losses import TAU_REF_PIXELS, psaq_entropy_loss
+from .losses import GRIDS, TAU_REF_PIXELS, psaq_entropy_loss
 
 
 @MODELS.register_module()
 class PSAQViT(PixelAdamMixin, BaseSynthesizer):
     """Patch-Similarity-Aware data-free synthesis (PSAQ-ViT V1) for Swin.
 
-    Per batch: ``x ~ N(0, 1)`` ``(n, 3, H, W)`` (normalised space), Adam on the
-    pixels; each iteration jitters the batch (random ``torch.roll`` up to
-    ``jitter`` px in both axes, horizontal flip with p=0.5; both
-    differentiable, nothing to undo), runs ``backbone(x_aug)`` under an
-    :class:`AttnOutputRecorder`, and minimises::
+    Per batch: ``x ~ N(0, 1)`` ``(n, 3, H, W)`` (normalised space), one TV
+    target ``tau ~ U(tau_range)``, one Adam on the pixels, then
+    ``synth_rounds`` rounds of ``iterations`` iterations.  Each iteration
+    jitters the batch (random ``torch.roll`` up to the round's ``jitter``
+    px, horizontal flip with p=0.5; both differentiable, nothing to undo),
+    runs ``backbone(x_aug)`` under an :class:`AttnOutputRecorder`, and
+    minimises::
 
-        entropy_weight * psaq_entropy_loss(records) + tv_prior_loss(x)
+        entropy_weight * psaq_entropy_loss(records) + tv_prior_loss(x_aug)
 
-    then clamps ``x`` to the valid normalised range.  The TV prior is taken
-    on the un-jittered ``x`` (the roll would add a wrap-around seam).
-    Learning rate: linear warm-up over ``min(100, iterations // 5)``
-    iterations (unless ``warmup_iters`` is given) then cosine decay to 0.
-    Schedule, augmentation and TV prior come from
-    :class:`~dfq_dense.synth.base.PixelAdamMixin` (SPDFQ uses them too).
+    then clamps ``x`` to the valid normalised range.
+
+    Schedule (defaults = the official code, ``generate_data.py`` of
+    github.com/zkkli/PSAQ-ViT): 2 rounds x 500 iterations (``iterations``
+    is the count *per round*); every round warms up linearly over
+    ``min(100, iterations // 5)`` iterations (100 for 500; unless
+    ``warmup_iters`` is given) then decays with a cosine to 0; maximal roll
+    15 px in round 1 and 30 px in round 2, one offset for both axes; the
+    Adam optimizer (lr 0.25 for Swin, betas (0.5, 0.9)) is created once
+    and keeps its state across the rounds; the TV target is drawn once per
+    synthesized batch (the official code draws it once per run, and a run
+    is one batch of 32 images) and the TV prior sees the jittered, flipped
+    batch.  Schedule, augmentation and TV prior come from
+    :class:`~dfq_dense.synth.base.PixelAdamMixin`.
+
+    The schedule of earlier versions (one round, 15 px on independent axes,
+    a new TV target every iteration, TV on the un-jittered ``x``) is
+    ``synth_rounds=1, jitter=15, jitter_shift='independent',
+    tau_per='iteration', tv_on='raw'`` (:attr:`LEGACY_SCHEDULE`).
 
     Args (beyond :class:`BaseSynthesizer`):
+        iterations: iterations *per round* (500).
+        synth_rounds: rounds (2).  (Not ``rounds``: PSAQ-ViT V2 uses that
+            name for its adaptation rounds.)
         lr, betas: Adam settings (0.25, (0.5, 0.9)).
-        warmup_iters: override the warm-up length.
-        jitter: max roll in pixels (15).
+        warmup_iters: override the warm-up length of every round.
+        jitter: max roll in pixels, one per round ((15, 30)) or an int for
+            every round.
+        jitter_shift: ``'shared'`` (one offset for both axes, official) or
+            ``'independent'``.
         flip: random horizontal flip.
+        tau_per: ``'run'`` (one TV target per batch, official) or
+            ``'iteration'``.
+        tv_on: ``'augmented'`` (TV of the jittered batch, official) or
+            ``'raw'``.
         entropy_weight: weight of the patch-similarity entropy loss.
         tv_weight, tau_range, tau_ref_pixels: TV prior (see
             :func:`~dfq_dense.synth.losses.tv_prior_loss`).
         bandwidth, num_points: KDE settings (0.01, 10).
-        max_samples: similarities kept per image and layer (uniform
-            subsample; None keeps all).  Bounds memory at dense resolution.
+
+    Patch-similarity entropy (see
+    :func:`~dfq_dense.synth.losses.pse_entropy`).  The defaults are the
+    official PSAQ-ViT code's conventions, exact at any resolution (the KDE
+    runs in chunks, memory linear in the number of similarities): every
+    token-pair similarity of every window, the diagonal included, one KDE
+    grid per layer over the whole batch, every token of a window.  Padding
+    tokens of Swin windows are always left out (the official code never
+    pads).  Options, each a departure from the official code:
+
+        diagonal: False leaves a token's similarity with itself out.
+        grid: ``'image'`` takes one KDE grid per image instead of
+            ``'batch'``.
+        drop_first_token: True drops token 0 of every window, as the
+            official code does (DeiT's CLS token, a carry-over on Swin).
+        max_samples: keep at most this many similarities per image and
+            layer (uniform subsample, None keeps all).  Not faithful: at
+            dense resolution the entropy stays close but the gradient does
+            not follow the exact one.
+        kde_chunk: similarity values per KDE step (``'auto'``: per device
+            type; None: one shot); numerics only.
+
+    The behaviour of earlier versions is ``diagonal=False, grid='image',
+    max_samples=100000``.
     """
+
+    #: The schedule of earlier versions (see the class docstring).
+    LEGACY_SCHEDULE = dict(synth_rounds=1, jitter=15,
+                           jitter_shift='independent', tau_per='iteration',
+                           tv_on='raw')
 
     def __init__(self,
                  num_images: int = 8,
@@ -58,15 +110,23 @@ class PSAQViT(PixelAdamMixin, BaseSynthesizer):
                  lr: float = 0.25,
                  betas: Tuple[float, float] = (0.5, 0.9),
                  warmup_iters: Optional[int] = None,
-                 jitter: int = 15,
+                 synth_rounds: int = 2,
+                 jitter: Union[int, Sequence[int]] = (15, 30),
+                 jitter_shift: str = 'shared',
                  flip: bool = True,
+                 tau_per: str = 'run',
+                 tv_on: str = 'augmented',
                  entropy_weight: float = 1.0,
                  tv_weight: float = 0.05,
                  tau_range: Tuple[float, float] = (2500., 3000.),
                  tau_ref_pixels: int = TAU_REF_PIXELS,
                  bandwidth: float = 0.01,
                  num_points: int = 10,
-                 max_samples: Optional[int] = 100000,
+                 max_samples: Optional[int] = None,
+                 diagonal: bool = True,
+                 grid: str = 'batch',
+                 drop_first_token: bool = False,
+                 kde_chunk: Union[int, str, None] = 'auto',
                  log_interval: int = 50,
                  progress: bool = True,
                  device=None):
@@ -75,11 +135,31 @@ class PSAQViT(PixelAdamMixin, BaseSynthesizer):
                          log_interval=log_interval, progress=progress,
                          device=device)
         self._init_pixel_adam(lr, betas, warmup_iters, jitter, flip,
-                              tv_weight, tau_range, tau_ref_pixels)
+                              tv_weight, tau_range, tau_ref_pixels,
+                              synth_rounds=synth_rounds,
+                              jitter_shift=jitter_shift, tau_per=tau_per,
+                              tv_on=tv_on)
         self.entropy_weight = float(entropy_weight)
         self.bandwidth = float(bandwidth)
         self.num_points = int(num_points)
         self.max_samples = max_samples
+        if grid not in GRIDS:
+            raise ValueError(f'{type(self).__name__}: grid must be one of '
+                             f'{GRIDS}, got {grid!r}')
+        self.diagonal = bool(diagonal)
+        self.grid = grid
+        self.drop_first_token = bool(drop_first_token)
+        self.kde_chunk = kde_chunk
+
+    def entropy_loss(self, records, generator):
+        """``(loss, per-layer entropies)`` of
+        :func:`~dfq_dense.synth.losses.psaq_entropy_loss` with this
+        synthesizer's PSE settings."""
+        return psaq_entropy_loss(
+            records, bandwidth=self.bandwidth, num_points=self.num_points,
+            max_samples=self.max_samples, generator=generator,
+            return_per_layer=True, diagonal=self.diagonal, grid=self.grid,
+            drop_first_token=self.drop_first_token, chunk=self.kde_chunk)
 
     def check_model(self, model):
         """PSAQ-ViT hooks Swin window attention: fail early without it."""
@@ -90,28 +170,29 @@ class PSAQViT(PixelAdamMixin, BaseSynthesizer):
     def synthesize_batch(self, backbone, n, hw, device, generator,
                          batch_idx=0, bar=None):
         x, mean, std = self._init_pixels(n, hw, device, generator)
+        tau = self.draw_tau(generator)  # None: one per iteration
+        # one optimizer for all rounds, as the official code
         opt = torch.optim.Adam([x], lr=self.lr, betas=self.betas)
+        total = self.total_iterations
         with AttnOutputRecorder(backbone) as rec:
-            for it in range(self.iterations):
+            for it in range(total):
                 for group in opt.param_groups:
                     group['lr'] = self.lr_at(it)
                 opt.zero_grad(set_to_none=True)
-                x_aug = self.augment(x, generator)
+                x_aug = self.augment(x, generator, self.round_of(it))
                 rec.clear()
                 backbone(x_aug)
-                loss_ent, ents = psaq_entropy_loss(
-                    rec.records, bandwidth=self.bandwidth,
-                    num_points=self.num_points, max_samples=self.max_samples,
-                    generator=generator, return_per_layer=True)
+                loss_ent, ents = self.entropy_loss(rec.records, generator)
                 rec.clear()
-                loss_tv = self.tv_prior(x, generator)
+                loss_tv = self.tv_prior(self.tv_input(x, x_aug), generator,
+                                        tau)
                 loss = self.entropy_weight * loss_ent + loss_tv
                 loss.backward()
                 opt.step()
                 with torch.no_grad():
                     x.copy_(clamp_to_range(x, mean, std))
                 self._bar_update(bar)
-                if self._log_due(it, self.iterations):
+                if self._log_due(it, total):
                     self.log_terms(dict(
                         batch=batch_idx, iter=it + 1,
                         lr=opt.param_groups[0]['lr'], loss=loss.item(),

@@ -21,7 +21,6 @@ from .distill import (MEASURES, StudentStep, adapted_modules, add_scalars,
                       extract_features, feature_discrepancy, frozen_modules,
                       mean_discrepancy)
 from .hooks import AttnOutputRecorder
-from .losses import psaq_entropy_loss
 from .psaq import PSAQViT
 
 __all__ = ['PSAQViTV2']
@@ -351,10 +350,7 @@ class PSAQViTV2(PSAQViT):
             t_device = self._device(get_backbone(teacher))
             t_feats = extract_features(teacher, x_aug.to(t_device), use_neck)
         if comp['entropy']:
-            loss_ent, ents = psaq_entropy_loss(
-                rec.records, bandwidth=self.bandwidth,
-                num_points=self.num_points, max_samples=self.max_samples,
-                generator=generator, return_per_layer=True)
+            loss_ent, ents = self.entropy_loss(rec.records, generator)
             rec.clear()
             mean_ent = ents.mean().item()
             loss = loss + self.entropy_weight * loss_ent.to(x.device)

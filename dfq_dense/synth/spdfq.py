@@ -177,11 +177,16 @@ def _prior_of(priors, depth):
     return priors[depth - 1] if depth - 1 < len(priors) else None
 
 
+HEAD_REDUCTIONS = ('sum', 'mean')
+MSR_COUNTS = ('random', 'fixed')
+
+
 def attention_prior_alignment_loss(records: Sequence[Dict],
                                    priors: Union[Sequence, Dict],
                                    deeper_half: bool = True,
                                    depth_weight: bool = True,
-                                   return_per_block: bool = False):
+                                   return_per_block: bool = False,
+                                   heads: str = 'sum'):
     """APA loss of SPDFQ for Swin window attention.
 
     For a block of depth ``l`` (``records[i]['depth']``, 1..L over all blocks
@@ -201,13 +206,18 @@ def attention_prior_alignment_loss(records: Sequence[Dict],
        (i.e. plain MSE of the probabilities times ``n_v^2``), so the loss
        scale, and hence ``apa_weight``, does not depend on the window size.
 
-    Block loss ``L_l = mean_{b, w, h} mse`` (images, windows and heads
-    weigh the same).  Total::
+    Head loss ``L_{l,h} = mean_{b, w} mse`` (images and windows weigh the
+    same).  Total, as the paper's APA loss (arXiv 2412.16553, Sec. "Attention
+    Priors Alignment": ``L_APA = sum_{l=S}^{L} sum_{h=1}^{H} (l / L)
+    L_{l,h}``)::
 
-        L_APA = sum_{l > L/2} (l / L) * L_l
+        L_APA = sum_{l > L/2} (l / L) * sum_h L_{l,h}
 
-    (a *sum* over the deeper half of the blocks, each weighted by its depth;
-    ``deeper_half=False`` uses every block, ``depth_weight=False`` weight 1).
+    (a *sum* over the heads and over the deeper half of the blocks, each
+    block weighted by its depth; ``deeper_half=False`` uses every block,
+    ``depth_weight=False`` weight 1, ``heads='mean'`` averages over the
+    heads instead of summing, the behaviour of earlier versions:
+    ``L_l = mean_{b, w, h} mse``).
 
     Args:
         records: :class:`AttnProbRecorder` records (``probs``, ``valid``,
@@ -215,11 +225,16 @@ def attention_prior_alignment_loss(records: Sequence[Dict],
         priors: ``priors[l - 1]`` (a sequence) or ``priors[l]`` (a dict) is
             block ``l``'s ``(heads, ws, ws)`` (or ``(heads, N)``) maps; may
             be None for blocks that are not used.
-        return_per_block: also return ``{l: detached L_l}``.
+        return_per_block: also return ``{l: detached L_l}`` (the block's
+            loss before the depth weight).
+        heads: ``'sum'`` (paper) or ``'mean'`` over the heads of a block.
 
     Returns:
         scalar loss (and the per-block dict).
     """
+    if heads not in HEAD_REDUCTIONS:
+        raise ValueError(f'heads must be one of {HEAD_REDUCTIONS}, got '
+                         f'{heads!r}')
     if len(records) == 0:
         raise ValueError('attention_prior_alignment_loss got no records: was '
                          'the backbone run inside an AttnProbRecorder?')
@@ -256,7 +271,8 @@ def attention_prior_alignment_loss(records: Sequence[Dict],
         # 3. MSE over the valid keys in uniform-density units
         nk = vk.sum(-1, keepdim=True).clamp_min(1)  # (B, nW, 1, 1)
         err = ((nk * (a - p))**2 * vk).sum(-1) / nk[..., 0]  # (B, nW, H)
-        block = err.mean()
+        per_head = err.mean((0, 1))  # L_{l,h}, (H,)
+        block = per_head.sum() if heads == 'sum' else per_head.mean()
         per_block[l] = block.detach()
         wgt = l / L if depth_weight else 1.0
         total = wgt * block if total is None else total + wgt * block
@@ -292,21 +308,34 @@ def msr_regions(n: int,
                 num_patches: int = 4,
                 generator: Optional[torch.Generator] = None,
                 grid: Tuple[int, int] = (2, 2),
-                split_jitter: float = 0.15) -> torch.Tensor:
+                split_jitter: float = 0.15,
+                count: str = 'fixed',
+                return_cells: bool = False):
     """Non-overlapping MSR regions of ``n`` images of size ``hw``.
 
     Each image is split by a ``grid`` (default 2x2: quadrants) whose inner
     cut lines are drawn per image (the equal cuts moved by up to
     ``split_jitter`` of a cell, uniformly), so the regions differ between
-    images; then ``k = min(num_patches, grid_h * grid_w)`` cells are picked
-    at random (``randperm``).  The cells of a grid tile the image, so the
-    picked regions never overlap.  Every image gets the same number ``k``
-    (a fixed crop batch), chosen in a different random subset.
+    images; then ``m`` cells are picked at random (``randperm``).  The
+    cells of a grid tile the image, so the picked regions never overlap.
+    With ``K = min(num_patches, grid_h * grid_w)``:
+
+    * ``count='fixed'``: ``m = K`` for every image (a fixed crop batch),
+      chosen in a different random subset;
+    * ``count='random'``: ``m ~ U{1, ..., K}`` drawn per image (the paper's
+      "m in {1, ..., K_MSR} non-overlapping patches", K_MSR = 4).
+
+    Draws per image, in order: the row cuts, the column cuts, ``m``
+    (``'random'`` only), the cell permutation.
 
     Returns:
-        long ``(n * k, 5)``: ``(image index, y0, y1, x0, x1)`` (end
-        exclusive), images outermost.
+        long ``(M, 5)``: ``(image index, y0, y1, x0, x1)`` (end exclusive),
+        images outermost (``M = n * K`` for ``'fixed'``); with
+        ``return_cells`` also the long ``(M,)`` grid cell (row-major) of
+        every region.
     """
+    if count not in MSR_COUNTS:
+        raise ValueError(f'count must be one of {MSR_COUNTS}, got {count!r}')
     H, W = int(hw[0]), int(hw[1])
     gh, gw = int(grid[0]), int(grid[1])
     if not 0 <= split_jitter < 0.5:
@@ -317,15 +346,22 @@ def msr_regions(n: int,
     k = min(int(num_patches), gh * gw)
     if k < 1:
         raise ValueError(f'num_patches must be >= 1, got {num_patches}')
-    boxes = []
+    boxes, picked = [], []
     for b in range(n):
         ys = _grid_cuts(H, gh, split_jitter, generator)
         xs = _grid_cuts(W, gw, split_jitter, generator)
-        cells = torch.randperm(gh * gw, generator=generator)[:k].tolist()
+        m = k
+        if count == 'random':
+            m = int(torch.randint(1, k + 1, (), generator=generator))
+        cells = torch.randperm(gh * gw, generator=generator)[:m].tolist()
         for c in cells:
             r, q = divmod(c, gw)
             boxes.append((b, ys[r], ys[r + 1], xs[q], xs[q + 1]))
-    return torch.tensor(boxes, dtype=torch.long).reshape(-1, 5)
+            picked.append(c)
+    boxes = torch.tensor(boxes, dtype=torch.long).reshape(-1, 5)
+    if return_cells:
+        return boxes, torch.tensor(picked, dtype=torch.long)
+    return boxes
 
 
 def crop_and_resize(x: torch.Tensor, boxes: torch.Tensor,
@@ -353,15 +389,16 @@ def msr_crops(x: torch.Tensor,
               generator: Optional[torch.Generator] = None,
               grid: Tuple[int, int] = (2, 2),
               split_jitter: float = 0.15,
-              size: Optional[Tuple[int, int]] = None
+              size: Optional[Tuple[int, int]] = None,
+              count: str = 'fixed'
               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`msr_regions` then :func:`crop_and_resize`.
 
     Returns:
-        ``(crops (n * k, C, H, W), boxes (n * k, 5))``.
+        ``(crops (M, C, H, W), boxes (M, 5))``.
     """
     boxes = msr_regions(x.shape[0], tuple(x.shape[-2:]), num_patches,
-                        generator, grid, split_jitter)
+                        generator, grid, split_jitter, count=count)
     return crop_and_resize(x, boxes, size), boxes
 
 
@@ -377,20 +414,26 @@ class SPDFQ(PixelAdamMixin, BaseSynthesizer):
     valid range); one prior per (block, head)
     (:func:`gaussian_mixture_prior`, ``num_components`` Gaussians over the
     block's window grid), kept for the whole batch; one target per image;
-    the MSR regions of every image (:func:`msr_regions`, fixed for the
-    batch, so each region keeps optimising towards the same target) and
-    one target per region.  Adam on the pixels; each iteration:
+    one target per image and MSR grid cell (kept for the batch, so a
+    region of an image keeps optimising towards the same target).  Adam on
+    the pixels; each iteration:
 
     1. ``x_aug`` = random roll (``jitter`` px) + horizontal flip of ``x`` (as
        :class:`~dfq_dense.synth.psaq.PSAQViT`); ``backbone(x_aug)`` under an
        :class:`AttnProbRecorder`; ``L_APA`` on its records
        (:func:`attention_prior_alignment_loss`: sum over the blocks
-       ``l > L/2`` of ``(l / L) *`` mean-over-images/windows/heads MSE) and
+       ``l > L/2`` of ``(l / L) *`` the sum over the heads of the
+       mean-over-images/windows MSE, the paper's form) and
        ``L_SL_img = soft_cross_entropy(head(feats), image targets)``;
        backward.
-    2. MSR: the regions are cropped from the *un-augmented* ``x`` and
-       resized (bilinear) to ``crop_size`` (default the input size, as in
-       the paper), then given their own random roll / flip;
+    2. MSR: ``m ~ U{1, ..., min(num_patches, 4)}`` non-overlapping regions
+       of every image are drawn for this iteration (:func:`msr_regions`
+       with ``count='random'``, the paper's "m in {1, ..., K_MSR}" with
+       K_MSR = 4: cells of a 2x2 grid with per-image jittered cut lines),
+       cropped from the *un-augmented* ``x`` and resized (bilinear) to
+       ``crop_size`` (default the input size, as in the paper), then given
+       their own random roll / flip; each region's target is that of its
+       image and grid cell;
        ``L_SL_crops = soft_cross_entropy(head(backbone(crops)), region
        targets)``; backward (a second forward, not recorded, so the peak
        memory is that of one batch; the gradients add up in ``x``).
@@ -430,9 +473,15 @@ class SPDFQ(PixelAdamMixin, BaseSynthesizer):
     * Prior maps: centres uniform in the window, isotropic sigma
       ``U(prior_sigma_range) * window side``, weights ``U(0.1, 1)``; drawn
       once per synthesized batch.
-    * MSR regions: cells of a 2x2 grid with per-image jittered cut lines,
-      ``min(num_patches, 4)`` of them per image (a random subset); fixed for
-      the batch; crops and images optimised in two forwards per iteration.
+    * MSR regions: the paper draws m in {1..4} non-overlapping patches but
+      does not say where; here they are cells of a 2x2 grid with per-image
+      jittered cut lines (redrawn every iteration), one target per image
+      and cell for the batch; crops and images optimised in two forwards
+      per iteration.  ``msr_count='fixed'`` restores earlier versions:
+      ``min(num_patches, 4)`` cells per image, regions and their targets
+      fixed for the batch.
+    * APA: ``apa_heads='mean'`` averages over the heads instead of the
+      paper's sum (earlier versions).
     * ``L_SL`` = mean soft CE over the images + mean soft CE over the
       crops (each its own mean, so the crops weigh as much as the images).
     * Optimiser / schedule: Adam ``lr=0.25``, ``betas=(0.5, 0.9)``, linear
@@ -454,6 +503,9 @@ class SPDFQ(PixelAdamMixin, BaseSynthesizer):
         apa_weight: alpha, the weight of ``L_APA``.
         num_components, prior_sigma_range: prior maps.
         num_patches, msr_grid, msr_split_jitter, crop_size: MSR regions.
+        msr_count: ``'random'`` (m ~ U{1..K} per image and iteration,
+            paper) or ``'fixed'`` (K per image, fixed for the batch).
+        apa_heads: ``'sum'`` (paper) or ``'mean'`` over the heads.
         num_classes, logit_scale, soft_range: random head and soft targets.
         label_weight: weight of ``L_SL`` (1.0).
         tv_weight, tau_range, tau_ref_pixels: TV prior.
@@ -480,6 +532,8 @@ class SPDFQ(PixelAdamMixin, BaseSynthesizer):
                  msr_grid: Tuple[int, int] = (2, 2),
                  msr_split_jitter: float = 0.15,
                  crop_size=None,
+                 msr_count: str = 'random',
+                 apa_heads: str = 'sum',
                  num_classes: int = 1000,
                  logit_scale: float = 1.0,
                  soft_range: Tuple[float, float] = (5.0, 10.0),
@@ -513,6 +567,14 @@ class SPDFQ(PixelAdamMixin, BaseSynthesizer):
         self.msr_split_jitter = float(msr_split_jitter)
         self.crop_size = (None if crop_size is None else
                           self._hw(crop_size))
+        if msr_count not in MSR_COUNTS:
+            raise ValueError(f'SPDFQ: msr_count must be one of {MSR_COUNTS}'
+                             f', got {msr_count!r}')
+        if apa_heads not in HEAD_REDUCTIONS:
+            raise ValueError(f'SPDFQ: apa_heads must be one of '
+                             f'{HEAD_REDUCTIONS}, got {apa_heads!r}')
+        self.msr_count = msr_count
+        self.apa_heads = apa_heads
         self.num_classes = int(num_classes)
         self.soft_range = tuple(soft_range)
         self.label_weight = float(label_weight)
@@ -541,6 +603,16 @@ class SPDFQ(PixelAdamMixin, BaseSynthesizer):
             feats = [feats]
         return soft_cross_entropy(self.head(list(feats)), targets)
 
+    def _random_regions(self, n, hw, generator, cell_targets):
+        """This iteration's MSR regions (``m ~ U{1..K}`` per image) and
+        their targets (the target of the region's image and grid cell)."""
+        boxes, cells = msr_regions(n, hw, self.num_patches, generator,
+                                   self.msr_grid, self.msr_split_jitter,
+                                   count='random', return_cells=True)
+        n_cells = self.msr_grid[0] * self.msr_grid[1]
+        index = (boxes[:, 0] * n_cells + cells).to(cell_targets.device)
+        return boxes, cell_targets[index]
+
     # ------------------------------------------------------------ synthesis
     def synthesize_batch(self, backbone, n, hw, device, generator,
                          batch_idx=0, bar=None):
@@ -558,12 +630,15 @@ class SPDFQ(PixelAdamMixin, BaseSynthesizer):
             rec.remove()
         use_labels = self.label_weight != 0
         img_targets = self._targets(n, generator).to(device)
-        boxes = crop_targets = None
-        if comps['msr']:
+        boxes = crop_targets = cell_targets = None
+        if comps['msr'] and self.msr_count == 'fixed':
             boxes = msr_regions(n, hw, self.num_patches, generator,
                                 self.msr_grid, self.msr_split_jitter)
             crop_targets = self._targets(boxes.shape[0],
                                          generator).to(device)
+        elif comps['msr']:  # one target per (image, grid cell)
+            cells = self.msr_grid[0] * self.msr_grid[1]
+            cell_targets = self._targets(n * cells, generator).to(device)
         opt = torch.optim.Adam([x], lr=self.lr, betas=self.betas)
         zero = torch.zeros((), device=device)
         try:
@@ -583,7 +658,7 @@ class SPDFQ(PixelAdamMixin, BaseSynthesizer):
                         backbone(x_aug)
                     if comps['apa']:
                         loss_apa = attention_prior_alignment_loss(
-                            rec.records, priors)
+                            rec.records, priors, heads=self.apa_heads)
                     rec.clear()
                     loss1 = self.apa_weight * loss_apa + \
                         self.label_weight * loss_img
@@ -592,12 +667,16 @@ class SPDFQ(PixelAdamMixin, BaseSynthesizer):
                 # 2. MSR crops: their own targets
                 loss_crop = zero
                 if comps['msr'] and use_labels:
-                    crops = crop_and_resize(x, boxes, self.crop_size)
+                    boxes_it, targets_it = boxes, crop_targets
+                    if self.msr_count == 'random':
+                        boxes_it, targets_it = self._random_regions(
+                            n, hw, generator, cell_targets)
+                    crops = crop_and_resize(x, boxes_it, self.crop_size)
                     crops = self.augment(crops, generator)
                     rec.enabled = False
                     try:
                         loss_crop = self._label_loss(backbone, crops,
-                                                     crop_targets)
+                                                     targets_it)
                     finally:
                         rec.enabled = True
                     (self.label_weight * loss_crop).backward()
