@@ -675,3 +675,16 @@ def test_cli_stderr_is_exactly_one_line(tmp_path, demo_data_root):
     assert proc.stderr.count('\n') == 1, proc.stderr
     assert proc.stderr.startswith('dfq_test: error: checkpoint ')
     assert not work.exists()
+
+
+def test_cascade_without_checkpoint_says_how_to_convert(tmp_path, capsys,
+                                                        monkeypatch):
+    """The papers' Cascade models exist only as official Swin checkpoints:
+    without CHECKPOINT the line names the file and the conversion."""
+    monkeypatch.chdir(tmp_path)
+    config = osp.join(REPO, 'configs/cascade_mask_rcnn_swin_s_w8a8.py')
+    code, err = run_main(capsys, [config, '--data-root',
+                                  _fake_dataset(tmp_path, 'det')])
+    assert_one_line(code, err, 'no checkpoint',
+                    'cascade_mask_rcnn_swin_small_patch4_window7.pth',
+                    'tools/convert_checkpoint.py')

@@ -164,6 +164,13 @@ def run(args):
         cfg.dfq.eval_fp = True
     check_work_dir(work_dir_of(cfg, args.work_dir, args.config))
     check_dataset(cfg)
+    if not (args.checkpoint or cfg.get('load_from')) and \
+            cfg.get('official_checkpoint'):
+        raise DFQInputError(
+            f'no checkpoint: this model has only the official Swin '
+            f'checkpoint {cfg.official_checkpoint}; download it, convert it '
+            f'with tools/convert_checkpoint.py OFFICIAL.pth OUT.pth --check '
+            f'{args.config}, and pass OUT.pth as CHECKPOINT')
     checkpoint = resolve_checkpoint(args.checkpoint or cfg.get('load_from'))
     images = None
     if dfq.load_images:

@@ -1,0 +1,17 @@
+_base_ = [
+    'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
+    './_base_/dfq_runtime.py',
+    './_base_/methods/psaq_vit.py',  # data source
+    './_base_/quantizers/naive.py',  # quantizer setting
+    './_base_/bits/w4a8.py',  # bits
+]
+# Model-zoo checkpoint (FP COCO val2017 box AP 42.7, mask AP 39.3).
+# Offline: download it and pass its path as
+# CHECKPOINT to tools/dfq_test.py.
+load_from = 'https://download.openmmlab.com/mmdetection/v2.0/swin/mask_rcnn_swin-t-p4-w7_fpn_1x_coco/mask_rcnn_swin-t-p4-w7_fpn_1x_coco_20210902_120937-9d6b7cfa.pth'  # noqa
+# Naive quantizer, as PSAQ-ViT / PSAQ-ViT V2 report W8A8 and W4A8.
+test_cfg = dict(type='dfq_dense.DFQTestLoop')
+dfq = dict(
+    synthesizer=_base_.dfq_synthesizer,
+    quantizer=dict(**_base_.dfq_quantizer, **_base_.dfq_bits),
+    calib_batch_size=_base_.dfq_calib_batch_size)

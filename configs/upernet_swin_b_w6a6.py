@@ -1,0 +1,17 @@
+_base_ = [
+    'mmseg::swin/swin-base-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
+    './_base_/dfq_runtime.py',
+    './_base_/methods/psaq_vit.py',  # data source
+    './_base_/quantizers/naive.py',  # quantizer setting
+    './_base_/bits/w6a6.py',  # bits
+]
+# Model-zoo checkpoint (FP ADE20K val mIoU 47.99).
+# Offline: download it and pass its path as
+# CHECKPOINT to tools/dfq_test.py.
+load_from = 'https://download.openmmlab.com/mmsegmentation/v0.5/swin/upernet_swin_base_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K/upernet_swin_base_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210526_192340-593b0e13.pth'  # noqa
+# Naive min/max: the best W6A6 setting on the demo (README, quantizer table).
+test_cfg = dict(type='dfq_dense.DFQTestLoop')
+dfq = dict(
+    synthesizer=_base_.dfq_synthesizer,
+    quantizer=dict(**_base_.dfq_quantizer, **_base_.dfq_bits),
+    calib_batch_size=_base_.dfq_calib_batch_size)
