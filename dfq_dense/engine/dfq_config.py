@@ -10,7 +10,9 @@
         calib_batch_size=4,          # images per calibration forward
         load_images=None,            # reuse a synthetic_images.pth
         load_quantized=None,         # reuse a quant_params.pth
-        eval_fp=False)               # also evaluate the FP model first
+        eval_fp=False,               # also evaluate the FP model first
+        allow_unobserved=False)      # run on with quantizers that saw no
+                                     # calibration data left FP (reported)
 """
 import inspect
 import json

@@ -1,0 +1,67 @@
+"""Every benchmark figure in the README is the rendering of a committed
+JSON file by the script that measured it."""
+import json
+import os.path as osp
+import sys
+
+import pytest
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.join(REPO, 'tools'))
+
+
+def _block(name):
+    with open(osp.join(REPO, 'README.md')) as f:
+        text = f.read()
+    start = text.index(f'<!-- {name}:start -->\n') + len(
+        f'<!-- {name}:start -->\n')
+    return text[start:text.index(f'\n<!-- {name}:end -->')]
+
+
+def _json(name):
+    with open(osp.join(REPO, 'results', 'benchmarks', name)) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize('block,render', [
+    ('bench-calibration', lambda: __import__(
+        'benchmark_calibration').markdown(_json('calibration.json')
+                                          ['results'])),
+    ('bench-pse', lambda: __import__('benchmark_pse').markdown(
+        _json('pse.json'))),
+])
+def test_readme_benchmark_tables_match_their_json(block, render):
+    assert _block(block) == render()
+
+
+def _runs(folder, names):
+    out = []
+    for name in names:
+        with open(osp.join(REPO, 'results', 'demo', folder,
+                           name + '.json')) as f:
+            out.append(json.load(f))
+    return out
+
+
+def test_readme_main_job_table_matches_the_committed_runs():
+    import run_demo
+    runs = _runs('main_job', ['mask_rcnn_swin_demo_w8a8',
+                              'upernet_swin_demo_w8a8'])
+    assert _block('main-job') == run_demo.markdown(runs)
+    for res in runs:  # what makes the figures reproducible is recorded
+        assert len(res['checkpoint']['sha256']) == 64
+        assert res['seed'] == 0 and res['threads'] >= 1
+        assert {'torch', 'mmdet', 'mmseg', 'dfq_dense'} <= set(
+            res['versions'])
+        assert res['quantization']['total']['disabled'] == 0
+
+
+def test_readme_w4a8_table_matches_the_committed_runs():
+    import run_demo
+    psaq = _runs('w4a8', ['mask_rcnn_swin_demo_w4a8', 'upernet_swin_demo_w4a8'])
+    noise = _runs('w4a8', ['mask_rcnn_swin_demo_w4a8_noise',
+                           'upernet_swin_demo_w4a8_noise'])
+    assert [r['method'] for r in psaq + noise] == ['PSAQViT'] * 2 + [
+        'GaussianNoise'] * 2
+    assert _block('w4a8') == run_demo.comparison_markdown(
+        psaq, noise, ('W4A8 PSAQ-ViT', 'W4A8 Gaussian noise'))
