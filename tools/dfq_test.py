@@ -196,8 +196,12 @@ def run(args):
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
     cfg.test_cfg = dict(type='dfq_dense.DFQTestLoop')
-    cfg.custom_imports = dict(imports=['dfq_dense'],
-                              allow_failed_imports=False)
+    # dfq_dense first, then the config's own (a user's method package).
+    imports = (cfg.get('custom_imports') or {}).get('imports') or []
+    imports = [imports] if isinstance(imports, str) else list(imports)
+    cfg.custom_imports = dict(
+        imports=['dfq_dense'] + [m for m in imports if m != 'dfq_dense'],
+        allow_failed_imports=False)
     # What the loop keys the resumable synthesis on, computed once here.
     cfg.dfq_run = dict(checkpoint=checkpoint,
                        checkpoint_sha256=sha256sum(checkpoint))

@@ -297,6 +297,22 @@ def check_dataset(cfg):
 # --------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------
+def _packaged_path(path):
+    """A relative ``dfq_dense/...`` path (the demo configs' ``load_from``)
+    that does not exist from the working directory: the file inside the
+    installed package (editable checkout or wheel), so the demo configs
+    also run from a user's own folder."""
+    if osp.isabs(path) or osp.exists(path):
+        return path
+    parts = osp.normpath(path).split(os.sep)
+    if parts[0] != 'dfq_dense':
+        return path
+    import dfq_dense
+    root = osp.dirname(osp.dirname(osp.abspath(dfq_dense.__file__)))
+    packaged = osp.join(root, *parts)
+    return packaged if osp.exists(packaged) else path
+
+
 def resolve_checkpoint(checkpoint):
     """Local path of ``checkpoint``; a URL is fetched into torch's hub cache.
 
@@ -324,6 +340,7 @@ def resolve_checkpoint(checkpoint):
                     f'{checkpoint} ({reason}); download it by hand and pass '
                     'its path as CHECKPOINT') from None
         return cached
+    checkpoint = _packaged_path(checkpoint)
     if osp.isdir(checkpoint):
         raise DFQInputError(
             f'checkpoint is a folder, not a file: {checkpoint} (pass the '
