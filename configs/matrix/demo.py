@@ -1,0 +1,42 @@
+# The demo leaderboard grid: both demo models x every data source x the four
+# bit settings x 3 seeds, percentile quantizer, 8 images of 192x192.
+#     python tools/run_matrix.py configs/matrix/demo.py --run
+#     python tools/run_matrix.py configs/matrix/demo.py --collect \
+#         work_dirs/matrix/demo/collected.json
+# 2 x 6 x 4 x 3 = 144 cells in 36 synthesis groups (each group's first bit
+# setting synthesizes, the other three reuse its images; PSAQ-ViT V2 and
+# MimiQ still adapt per cell).  Cost on 2 CPU cores, from the per-stage
+# timings of tools/method_table.py (README): 36 syntheses x 1.3-3 min, 144
+# evaluations x 0.5-1 min, 48 V2/MimiQ adaptations x 1.5-2.5 min: about
+# 4-6 hours sequentially; with Slurm (tools/slurm_matrix.sh) up to 36 tasks.
+# The method settings are the demo scale of tools/method_table.py (the
+# configs/_base_/methods fragments hold the full-scale ones); seed and
+# num_images come from the grid axes below.
+_step = dict(optimizer='adam', lr=1e-4, iters=20, batch_size=4)
+
+configs = [
+    'configs/demo/mask_rcnn_swin_demo_w8a8.py',
+    'configs/demo/upernet_swin_demo_w8a8.py',
+]
+methods = dict(
+    noise=dict(_delete_=True, type='GaussianNoise', batch_size=8),
+    real=dict(_delete_=True, type='RealImages', batch_size=8),
+    psaq=dict(_delete_=True, type='PSAQViT', batch_size=8, synth_rounds=2,
+              iterations=50),
+    psaq_v2=dict(_delete_=True, type='PSAQViTV2', batch_size=8,
+                 synth_rounds=2, iterations=50, rounds=2, sample_iters=20,
+                 student_step=dict(params='weights', **_step)),
+    mimiq=dict(_delete_=True, type='MimiQ', batch_size=8, iterations=100,
+               student_step=_step),
+    # crops at half the input size (see tools/method_table.py)
+    spdfq=dict(_delete_=True, type='SPDFQ', batch_size=8, iterations=100,
+               crop_size=(96, 96)),
+)
+bits = ['w8a8', 'w6a6', 'w4a8', 'w4a4']
+quantizer = 'percentile'
+seeds = [0, 1, 2]
+num_images = [8]
+options = {}
+work_dir = 'work_dirs/matrix/demo'
+# The FP model is evaluated once per model (its first cell).
+eval_fp = 'first'
