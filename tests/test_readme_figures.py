@@ -65,3 +65,13 @@ def test_readme_w4a8_table_matches_the_committed_runs():
         'GaussianNoise'] * 2
     assert _block('w4a8') == run_demo.comparison_markdown(
         psaq, noise, ('W4A8 PSAQ-ViT', 'W4A8 Gaussian noise'))
+
+
+@pytest.mark.parametrize('block,name', [
+    ('bench-fakequant', 'fakequant.json'),
+    ('bench-fakequant-r5', 'fakequant_mask_rcnn_r5.json')])
+def test_readme_fakequant_tables_match_their_json(block, name):
+    import benchmark
+    rows = _json(name)['sections']['fakequant']['rows']
+    assert all(r['identical_to_old'] for r in rows)
+    assert _block(block) == benchmark.fakequant_markdown(rows)

@@ -14,12 +14,12 @@ from .convert import (enable_calibration, finish_calibration,
                       iter_quantizers, quant_state_dict, quantization_report,
                       quantize_model, set_quantizers_enabled)
 from .fake_quant import fake_quantize, round_ste
-from .modules import (QuantConv2d, QuantConvTranspose2d, QuantLinear,
+from .modules import (QuantConv2d, clear_quant_caches, QuantConvTranspose2d, QuantLinear,
                       QuantMatMul, QuantWeightModule, QuantWindowMSA)
 from .observers import (MinMaxObserver, calibration_step,
                         current_calibration_step, qrange, range_to_qparams,
                         replicated_observation)
-from .quantizer import Quantizer, check_bits
+from .quantizer import Quantizer, check_bits, fast_eval
 from .softmax_quant import (SoftmaxQuantizer, log2_quantize,
                             log_sqrt2_quantize)
 from .reparam import reparameterize_layernorms
@@ -38,5 +38,5 @@ __all__ = [
     'PercentileSearchObserver', 'reparameterize_layernorms', 'ROLES',
     'QuantSetting', 'module_roles', 'validate_setting', 'calibration_step',
     'current_calibration_step', 'replicated_observation',
-    'quantization_report'
+    'quantization_report', 'clear_quant_caches', 'fast_eval'
 ]

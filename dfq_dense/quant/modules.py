@@ -26,6 +26,38 @@ State-dict keys: wrapped Linear/Conv weights live at ``<name>.module.weight``
 checkpoint with ``<name>.weight`` into a converted model is accepted (the keys
 are remapped). ``QuantWindowMSA`` keeps the original keys (``qkv``, ``proj``,
 ``relative_position_bias_table``, ``relative_position_index``).
+
+Cached quantized weights (evaluation): weights are fixed after calibration,
+so a weight layer keeps its fake-quantized weight and reuses it instead of
+re-quantizing at every forward.  The rule:
+
+* Used and (re)built only when the weight quantizer is ``'quantizing'``, the
+  module is in eval mode, no gradient can reach the weight or the qparams
+  (grad mode off, or none of ``weight`` / ``scale`` / ``zero_point``
+  requires grad), the quantizer is a plain :class:`Quantizer` without
+  forward hooks (and no global module hooks are set), and nothing is being
+  scripted / traced / compiled.  Otherwise the weight is quantized afresh
+  and any cached copy is dropped; in particular a teacher-student method
+  training weights or qparams (``requires_grad=True``) or anything in train
+  mode never sees it, and its gradients are exactly those of the reference
+  path.
+* A cached weight is reused only while the weight, ``scale`` and
+  ``zero_point`` are the same tensor objects with the same ``_version``
+  counters, data pointers, dtypes, devices, shapes and strides, and the
+  quantizer's grid (bits, symmetry, granularity, channel axis) is the same:
+  optimiser steps, ``copy_`` under ``no_grad`` (``load_state_dict``, the
+  LayerNorm reparameterisation), re-calibration (new qparam tensors) and
+  device / dtype moves all invalidate it.
+* It is also dropped by ``load_state_dict``, by taking the state dict
+  (collectives such as ``broadcast`` write those tensors in place without
+  bumping their version), by ``.to()`` / ``.cuda()``, by ``train()``, and is
+  never saved or pickled (a plain attribute, not a buffer).  In-place writes
+  through ``.data`` also bypass the version counter: call
+  :func:`clear_quant_caches` after such writes.
+
+The cached weight is computed by the quantizer itself, so its values are
+bit-identical to the uncached path.  It costs one extra copy of the weights
+in memory.
 """
 import copy
 
@@ -33,16 +65,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.model.weight_init import trunc_normal_
+from torch.nn.modules import module as _module_mod
 
 from ..registry import MODELS
 from .observers import replicated_observation
-from .quantizer import Quantizer, check_bits
+from .quantizer import (Quantizer, check_bits, fast_eval_enabled,
+                        same_tensor, track_tensor, tracing)
 
 __all__ = [
     'QuantWeightModule', 'QuantLinear', 'QuantConv2d',
     'QuantConvTranspose2d', 'QuantMatMul', 'QuantWindowMSA',
-    'act_quantizer_cfg', 'weight_quantizer_cfg'
+    'act_quantizer_cfg', 'weight_quantizer_cfg', 'clear_quant_caches'
 ]
+
+
+def clear_quant_caches(model):
+    """Drop every cached quantized weight and quantizer constant under
+    ``model`` (needed only after in-place writes that bypass the version
+    counter, e.g. through ``.data``; see the module docstring)."""
+    for m in model.modules():
+        if isinstance(m, (QuantWeightModule, Quantizer)):
+            m.clear_cache()
+
 
 
 def act_quantizer_cfg(bits, **overrides):
@@ -91,6 +135,8 @@ class QuantWeightModule(nn.Module):
             **act_quantizer_cfg(a_bits, **input_quantizer))
         self.weight_quantizer = Quantizer(**weight_quantizer_cfg(
             w_bits, self._weight_ch_axis, **(weight_quantizer or {})))
+        # Cached quantized weight: (key, tensor) or None (module docstring).
+        self._wq_cache = None
 
     @property
     def weight(self):
@@ -133,9 +179,68 @@ class QuantWeightModule(nn.Module):
         """
         if self.weight_quantizer.state == 'calibrating':
             return self.module.weight
-        return self.weight_quantizer(self.module.weight)
+        wq, w = self.weight_quantizer, self.module.weight
+        if not fast_eval_enabled():
+            return wq(w)  # switched off for a while: bypass, keep the cache
+        if not self._weight_cache_allowed(wq, w):
+            self._wq_cache = None
+            return wq(w)
+        grid = (wq.bits, wq.symmetric, wq.granularity, wq.ch_axis,
+                wq.quant_min, wq.quant_max)
+        cache = getattr(self, '_wq_cache', None)
+        if cache is not None:
+            (k_w, k_scale, k_zp, k_grid), cached = cache
+            if k_grid == grid and same_tensor(k_w, w) and \
+                    same_tensor(k_scale, wq.scale) and \
+                    same_tensor(k_zp, wq.zero_point):
+                return cached
+        self._wq_cache = None
+        tracked = (track_tensor(w), track_tensor(wq.scale),
+                   track_tensor(wq.zero_point))
+        if any(t is None for t in tracked):  # inference tensors
+            return wq(w)
+        # A plain tensor outside any graph (it may be kept across modes).
+        with torch.inference_mode(False), torch.no_grad():
+            out = wq(w)
+        self._wq_cache = (tracked + (grid, ), out)
+        return out
+
+    def _weight_cache_allowed(self, wq, w):
+        """Whether the cached weight may be used / built now (see the
+        module docstring)."""
+        if wq.state != 'quantizing' or self.training or \
+                type(wq).forward is not Quantizer.forward or \
+                wq._forward_hooks or wq._forward_pre_hooks or \
+                _module_mod._global_forward_hooks or \
+                _module_mod._global_forward_pre_hooks or tracing():
+            return False
+        return not (torch.is_grad_enabled() and (
+            w.requires_grad or wq.scale.requires_grad
+            or wq.zero_point.requires_grad))
+
+    def clear_cache(self):
+        """Drop the cached quantized weight (rebuilt when needed)."""
+        self._wq_cache = None
+
+    def train(self, mode=True):
+        self.clear_cache()
+        return super().train(mode)
+
+    def _apply(self, *args, **kwargs):
+        self.clear_cache()
+        return super()._apply(*args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.clear_cache()  # the caller may write the tensors in place
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['_wq_cache'] = None  # weak references do not pickle
+        return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.clear_cache()
         # Accept FP checkpoints: '<prefix>weight' -> '<prefix>module.weight'.
         for key in list(state_dict.keys()):
             if not key.startswith(prefix):

@@ -11,16 +11,88 @@ Typical use: ``enable_calibration()`` -> run data -> ``finish_calibration()``
 (syncs the observer across ranks, computes the qparams and switches to
 ``'quantizing'``); ``disable()`` / ``enable()`` toggle between identity and
 quantization afterwards.
+
+Evaluation fast path: a per-tensor quantizer that is quantizing a float32
+tensor while no gradient is needed (``torch.no_grad()``, or neither ``x``
+nor ``scale`` requires grad) computes the value with
+:func:`~dfq_dense.quant.fake_quant.fake_quantize_per_tensor_fast`,
+bit-identical to :func:`fake_quantize`.  Its constants (``1 / scale``, the
+clamp bounds) are cached and reused only while ``scale`` and
+``zero_point`` are the same tensor objects at the same ``_version`` and data
+pointer (any assignment, in-place write, ``load_state_dict``, device move
+or reparameterisation rebuilds them); they are also dropped whenever the
+state dict is taken or loaded (collectives such as ``broadcast`` write
+state-dict tensors without bumping their version) and are never pickled.
+Whenever a gradient is needed, the reference :func:`fake_quantize` runs
+(straight-through / LSQ gradients unchanged).  ``with fast_eval(False):``
+switches the fast paths (and the weight cache of the weight layers) off,
+e.g. to time the reference path.
 """
+import contextlib
+import weakref
+
 import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 
 from ..registry import MODELS, TASK_UTILS, build
-from .fake_quant import fake_quantize
+from .fake_quant import (fake_quantize, fake_quantize_per_tensor_fast,
+                         per_tensor_qparams)
 from .observers import qrange, range_to_qparams
 
-__all__ = ['Quantizer', 'check_bits']
+__all__ = ['Quantizer', 'check_bits', 'track_tensor', 'same_tensor',
+           'tracing', 'fast_eval', 'fast_eval_enabled']
+
+_FAST_EVAL = [True]
+
+
+@contextlib.contextmanager
+def fast_eval(enabled=True):
+    """Switch the evaluation fast paths (per-tensor fast fake
+    quantization, cached quantized weights) on or off inside the block,
+    e.g. ``with fast_eval(False):`` to time or check the reference path.
+    The results are the same either way."""
+    old = _FAST_EVAL[0]
+    _FAST_EVAL[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _FAST_EVAL[0] = old
+
+
+def fast_eval_enabled():
+    """Whether the evaluation fast paths are on (see :func:`fast_eval`)."""
+    return _FAST_EVAL[0]
+
+
+def track_tensor(t):
+    """What identifies the current contents of tensor ``t``: a weak
+    reference plus its ``_version`` counter, data pointer, dtype, device,
+    shape and strides; None where it cannot be tracked (inference tensors
+    have no version counter)."""
+    if t is None or t.is_inference():
+        return None
+    return (weakref.ref(t), t._version, t.data_ptr(), t.dtype, t.device,
+            tuple(t.shape), t.stride())
+
+
+def same_tensor(tracked, t):
+    """Whether ``t`` is the tensor ``tracked`` (see :func:`track_tensor`)
+    and unchanged since (in-place writes through ``.data`` or by
+    collectives bypass the version counter: see the module docstring)."""
+    return (tracked is not None and tracked[0]() is t
+            and tracked[1:] == (t._version, t.data_ptr(), t.dtype, t.device,
+                                tuple(t.shape), t.stride()))
+
+
+def tracing():
+    """Whether a graph is being scripted / traced / compiled (the caches
+    and host-side fast paths are then bypassed)."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    compiler = getattr(torch, 'compiler', None)
+    is_compiling = getattr(compiler, 'is_compiling', None)
+    return bool(is_compiling and is_compiling())
 
 GRANULARITIES = ('tensor', 'channel', 'token')
 
@@ -93,6 +165,8 @@ class Quantizer(nn.Module):
         self.nonfinite = False
         self.unobserved = False
         self.seen = 0  # non-empty tensors seen while calibrating
+        # Evaluation fast-path constants: (key, PerTensorQParams) or None.
+        self._qp_cache = None
 
     # ----------------------------------------------------------------- modes
     def enable_calibration(self):
@@ -168,9 +242,54 @@ class Quantizer(nn.Module):
             return x
         if self.granularity == 'token':
             return self._forward_token(x)
+        if self.granularity == 'tensor':
+            out = self._fast_forward(x)
+            if out is not None:
+                return out
         return fake_quantize(
             x, self.scale, self.zero_point, self.quant_min, self.quant_max,
             ch_axis=self.ch_axis if self.granularity == 'channel' else None)
+
+    def _fast_forward(self, x):
+        """The per-tensor value without autograd, bit-identical to
+        :func:`fake_quantize` (see the module docstring), or None where the
+        reference path must run (a gradient is needed, not float32, ...)."""
+        if not _FAST_EVAL[0] or x.dtype != torch.float32 or not x.numel():
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad
+                                        or self.scale.requires_grad):
+            return None
+        if tracing():
+            return None
+        qp = self._eval_qparams(x)
+        if qp is None:
+            return None
+        return fake_quantize_per_tensor_fast(x, qp)
+
+    def _eval_qparams(self, x):
+        """Cached :func:`per_tensor_qparams` for ``x``'s device."""
+        scale, zp = self.scale, self.zero_point
+        cache = getattr(self, '_qp_cache', None)
+        if cache is not None:
+            (device, qmin, qmax, k_scale, k_zp), qp = cache
+            if device == x.device and qmin == self.quant_min and \
+                    qmax == self.quant_max and same_tensor(k_scale, scale) \
+                    and same_tensor(k_zp, zp):
+                return qp
+        self._qp_cache = None
+        k_scale, k_zp = track_tensor(scale), track_tensor(zp)
+        # Plain (non-inference) tensors, so that they may be kept.
+        with torch.inference_mode(False):
+            qp = per_tensor_qparams(scale, zp, self.quant_min,
+                                    self.quant_max, x)
+        if qp is not None and k_scale is not None and k_zp is not None:
+            self._qp_cache = ((x.device, self.quant_min, self.quant_max,
+                               k_scale, k_zp), qp)
+        return qp
+
+    def clear_cache(self):
+        """Drop the cached evaluation constants (rebuilt when needed)."""
+        self._qp_cache = None
 
     def token_qparams(self, x):
         """Per-token ``(scale, zero_point)`` of ``x`` (1-D, one per row of
@@ -190,9 +309,23 @@ class Quantizer(nn.Module):
         return out.reshape(x.shape)
 
     # ------------------------------------------------------------ state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.clear_cache()  # the caller may write the tensors (see above)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _apply(self, *args, **kwargs):
+        self.clear_cache()
+        return super()._apply(*args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['_qp_cache'] = None  # weak references do not pickle
+        return state
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata,
                               strict, missing_keys, unexpected_keys,
                               error_msgs):
+        self.clear_cache()
         # Per-channel qparams have a size known only after calibration:
         # adopt the saved shapes.
         loaded = False
