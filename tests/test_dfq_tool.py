@@ -211,6 +211,9 @@ def test_teacher_student_method_end_to_end(tmp_path, demo_data_root):
     res1 = dfq_test.run(args)
     assert res1['method'] == 'PSAQViTV2'
     assert res1['seconds']['adaptation'] > 0
+    # how much the student step moved the 4-bit weight codes is reported
+    assert 0 < res1['adaptation']['weight_codes_changed'] < 1
+    assert res1['adaptation']['images_changed'] is True
     # the sample steps changed the images: both sets are kept
     assert (first / 'synthetic' / 'synthetic_images.pth').is_file()
     assert (first / 'synthetic' / 'adapted' / 'synthetic_images.pth').is_file()

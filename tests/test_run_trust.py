@@ -286,3 +286,33 @@ def test_unobserved_quantizers_stop_the_run_unless_allowed(
                d['why'] == 'observed no calibration data'
                for d in q['disabled'])
     assert q['roles']['roi']['disabled'] > 0
+
+
+def test_weight_codes_are_the_integers_torch_fake_quant_uses():
+    from dfq_dense.quant import (enable_calibration, finish_calibration,
+                                 quantize_model)
+    from dfq_dense.quant.convert import codes_changed, weight_codes
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3),
+                                torch.nn.Linear(4, 5))
+    quantize_model(model, w_bits=4, a_bits=8)
+    enable_calibration(model)
+    finish_calibration(model)
+    codes = weight_codes(model)
+    assert list(codes) == ['0', '1']
+    for name, m in model.named_children():
+        q = m.weight_quantizer
+        ref = torch.fake_quantize_per_channel_affine(
+            m.module.weight.detach(), q.scale, q.zero_point, 0, q.quant_min,
+            q.quant_max)
+        c = codes[name].float()
+        assert c.min() >= -8 and c.max() <= 7
+        assert torch.equal((c - q.zero_point.reshape(-1, *[1] * (c.dim() - 1)))
+                           * q.scale.reshape(-1, *[1] * (c.dim() - 1)), ref)
+    assert codes_changed(codes, weight_codes(model)) == 0.0
+    q = model[1].weight_quantizer
+    target = q.quant_min if codes['1'][0, 0] != q.quant_min else q.quant_max
+    with torch.no_grad():  # one weight moved to another code
+        model[1].module.weight[0, 0] = target * q.scale[0]
+    after = weight_codes(model)
+    assert codes_changed(codes, after) == 1 / (6 * 3 * 9 + 5 * 4)

@@ -246,7 +246,8 @@ def run(args):
         threads=torch.get_num_threads(),
         versions=_versions())
     for key in ('images_from', 'quant_params', 'quant_params_from',
-                'reparameterized', 'synthesis_key', 'resumed_batches'):
+                'reparameterized', 'synthesis_key', 'resumed_batches',
+                'adaptation'):
         if key in report:
             results[key] = report[key]
     write_json_atomic(osp.join(cfg.work_dir, 'dfq_results.json'), results)

@@ -27,7 +27,8 @@ from mmengine.runner import TestLoop
 from mmengine.utils import ProgressBar
 
 from ..quant import enable_calibration, finish_calibration, quantize_model
-from ..quant.convert import iter_quantizers, quantization_report
+from ..quant.convert import (codes_changed, iter_quantizers,
+                             quantization_report, weight_codes)
 from ..quant.io import (QuantParamsError, load_quant_params,
                         read_quant_params, save_quant_params,
                         snapshot_state)
@@ -224,8 +225,15 @@ class DFQTestLoop(TestLoop):
             self.report['reparameterized'] = len(folded)
             if teacher is not None:
                 start = time.time()
+                codes = weight_codes(model)
                 adapted = self._adapt(teacher, model, images, bool(folded))
                 self.report['adapt_seconds'] = time.time() - start
+                # How much the student step moved the quantized model.
+                self.report['adaptation'] = dict(
+                    weight_codes_changed=codes_changed(
+                        codes, weight_codes(model)),
+                    images_changed=not torch.equal(adapted, images))
+                del codes
                 del teacher
                 if get_rank() == 0 and not torch.equal(adapted, images):
                     # The sample steps changed the images: keep them too.

@@ -16,6 +16,7 @@ adaptive-padding convs), and Linear layers owned by ``nn.MultiheadAttention``
 import fnmatch
 from collections import OrderedDict
 
+import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 
@@ -29,7 +30,7 @@ from .validate import validate_quantizer_cfg
 __all__ = [
     'quantize_model', 'iter_quantizers', 'enable_calibration',
     'finish_calibration', 'set_quantizers_enabled', 'quant_state_dict',
-    'quantization_report'
+    'quantization_report', 'weight_codes', 'codes_changed'
 ]
 
 SCOPES = ('model', 'backbone')
@@ -361,3 +362,44 @@ def quantization_report(model):
                  quantizing=sum(r['quantizing'] for r in roles.values()),
                  disabled=sum(r['disabled'] for r in roles.values()))
     return dict(roles=dict(roles), total=total, disabled=disabled)
+
+
+@torch.no_grad()
+def weight_codes(model):
+    """``{layer name: integer codes of its quantized weight}`` (CPU,
+    int32): ``clamp(round(W / scale) + zp)`` with the weight quantizer's
+    current qparams (per output channel), the integers a deployed model
+    would store.  Compared before and after a teacher-student method's
+    student step, it tells how much of the quantized model the step
+    changed."""
+    out = OrderedDict()
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantWeightModule):
+            continue
+        q = m.weight_quantizer
+        if not q.calibrated or q.granularity == 'token':
+            continue
+        w = m.module.weight.detach().float()
+        scale = q.scale.detach().float()
+        zp = q.zero_point.detach().float()
+        if q.granularity == 'channel' and scale.dim() == 1:
+            shape = [1] * w.dim()
+            shape[q.ch_axis % w.dim()] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        codes = torch.clamp(torch.round(w * (1.0 / scale)) + zp,
+                            q.quant_min, q.quant_max)
+        out[name] = codes.to(torch.int32).cpu()
+    return out
+
+
+def codes_changed(before, after):
+    """Share of the weight codes that differ between two
+    :func:`weight_codes` snapshots (layers present in both)."""
+    changed = total = 0
+    for name, a in before.items():
+        b = after.get(name)
+        if b is None or b.shape != a.shape:
+            continue
+        changed += int((a != b).sum())
+        total += a.numel()
+    return changed / total if total else 0.0
