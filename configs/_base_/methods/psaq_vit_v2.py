@@ -13,6 +13,12 @@ dfq_synthesizer = dict(
     img_size=None,
     rounds=4,
     sample_iters=50,
+    # sample step: each term's pixel gradient rescaled per image to a common
+    # norm, the shares are the fractions of the update (None: the former
+    # plain sum entropy_weight*L_ent - disc_weight*disc + TV, under which the
+    # discrepancy falls during the sample step)
+    balance='grad_norm',
+    sample_shares=dict(entropy=1.0, discrepancy=1.0, tv=1.0),
     measure='mse',  # or 'kl' on softened channel distributions
     include_neck=False,
     components=dict(entropy=True, discrepancy=True, student_step=True,
