@@ -369,24 +369,48 @@ def _grid_errors(s, lo, hi, bits, symmetric, eps, reduce='mean', sd=None):
     Returns ``(errors (G, C) float64, scale, zero_point)``; the
     fake-quantization is bit-identical to
     :func:`~dfq_dense.quant.fake_quant.fake_quantize` (per channel), the
-    squared differences are reduced in float64 (``'mean'`` or ``'sum'``).
-    Candidates are evaluated in batched chunks of ``_GRID_BUDGET`` values.
+    squared differences are reduced in float64 (``'mean'`` or ``'sum'``,
+    one row of ``m`` values at a time).
+    Candidates are evaluated in batched chunks of about ``_GRID_BUDGET``
+    values (whole rows; several channels and candidates per chunk where
+    they fit), in two scratch buffers reused by every chunk. Symmetric
+    zero points are 0, so they are not added / subtracted (that could
+    only turn a ``-0.0`` into ``+0.0``, which squares to the same error).
     """
     scale, zp, qmin, qmax = range_to_qparams(lo, hi, bits, symmetric, eps)
     scale = scale.to(s.device)
     zp = zp.to(s.device)
     sd = s.double() if sd is None else sd
-    step = max(1, _GRID_BUDGET // max(1, s.numel()))
-    out = []
-    for g0 in range(0, scale.shape[0], step):
-        sc = scale[g0:g0 + step, :, None]
-        z = zp[g0:g0 + step, :, None].to(s.dtype)
-        q = s * (1.0 / sc)
-        q.round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(sc)
-        d = q.double().sub_(sd)
-        d.mul_(d)
-        out.append(d.mean(dim=-1) if reduce == 'mean' else d.sum(dim=-1))
-    return torch.cat(out), scale, zp
+    G, C = scale.shape
+    m = s.shape[1]
+    c_step = C if C * m <= _GRID_BUDGET else max(1, _GRID_BUDGET // max(1, m))
+    g_step = min(G, max(1, _GRID_BUDGET // max(1, c_step * m)))
+    size = g_step * min(c_step, C) * m
+    qbuf = s.new_empty(size)
+    dbuf = sd.new_empty(size)
+    out = torch.empty(G, C, dtype=torch.float64, device=s.device)
+    for c0 in range(0, C, c_step):
+        s_c, sd_c = s[c0:c0 + c_step], sd[c0:c0 + c_step]
+        for g0 in range(0, G, g_step):
+            sc = scale[g0:g0 + g_step, c0:c0 + c_step, None]
+            shape = (sc.shape[0], sc.shape[1], m)
+            n = shape[0] * shape[1] * m
+            q = qbuf[:n].view(shape)
+            torch.mul(s_c, 1.0 / sc, out=q)
+            q.round_()
+            if symmetric:
+                q.clamp_(qmin, qmax)
+            else:
+                z = zp[g0:g0 + g_step, c0:c0 + c_step, None].to(s.dtype)
+                q.add_(z).clamp_(qmin, qmax).sub_(z)
+            q.mul_(sc)
+            d = dbuf[:n].view(shape)
+            d.copy_(q)
+            d.sub_(sd_c)
+            d.mul_(d)
+            out[g0:g0 + g_step, c0:c0 + c_step] = \
+                d.mean(dim=-1) if reduce == 'mean' else d.sum(dim=-1)
+    return out, scale, zp
 
 
 # ------------------------------------------------------- moving average
