@@ -214,6 +214,9 @@ def test_teacher_student_method_end_to_end(tmp_path, demo_data_root):
     # how much the student step moved the 4-bit weight codes is reported
     assert 0 < res1['adaptation']['weight_codes_changed'] < 1
     assert res1['adaptation']['images_changed'] is True
+    rounds = res1['adaptation']['rounds']
+    assert [r['round'] for r in rounds] == [0]
+    assert rounds[0]['disc_before'] > 0 and rounds[0]['disc_after'] > 0
     # the sample steps changed the images: both sets are kept
     assert (first / 'synthetic' / 'synthetic_images.pth').is_file()
     assert (first / 'synthetic' / 'adapted' / 'synthetic_images.pth').is_file()

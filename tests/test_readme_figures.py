@@ -75,3 +75,15 @@ def test_readme_fakequant_tables_match_their_json(block, name):
     rows = _json(name)['sections']['fakequant']['rows']
     assert all(r['identical_to_old'] for r in rows)
     assert _block(block) == benchmark.fakequant_markdown(rows)
+
+
+def test_readme_v2_sample_step_figures_match_the_committed_run():
+    res = _runs('v2_sample_step', ['upernet_swin_demo_psaq_v2_w4a4'])[0]
+    rounds = res['adaptation']['rounds']
+    with open(osp.join(REPO, 'README.md')) as f:
+        text = ' '.join(f.read().split())
+    quoted = ' and '.join(f"{r['disc_before']:.3f} -> {r['disc_after']:.3f}"
+                          for r in rounds)
+    assert f'sample step {quoted}, student step back to ' + ' and '.join(
+        f"{r['disc_end']:.3f}" for r in rounds) in text
+    assert all(r['disc_after'] > r['disc_before'] for r in rounds)

@@ -232,7 +232,14 @@ class DFQTestLoop(TestLoop):
                 self.report['adaptation'] = dict(
                     weight_codes_changed=codes_changed(
                         codes, weight_codes(model)),
-                    images_changed=not torch.equal(adapted, images))
+                    images_changed=not torch.equal(adapted, images),
+                    # per round, what the method logged of its
+                    # teacher-student discrepancy (PSAQ-ViT V2: before and
+                    # after its sample step)
+                    rounds=[{k: v for k, v in h.items()
+                             if k == 'round' or k.startswith('disc_')}
+                            for h in getattr(self.synthesizer, 'history', [])
+                            if h.get('phase') == 'round'])
                 del codes
                 del teacher
                 if get_rank() == 0 and not torch.equal(adapted, images):
