@@ -40,7 +40,6 @@ import os
 import os.path as osp
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -62,25 +61,6 @@ def section(name, help):
 
 
 # ------------------------------------------------------------ environment
-def _cpu_model():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git(*args):
-    try:
-        return subprocess.run(['git', *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _version(module):
     try:
         return __import__(module).__version__
@@ -90,16 +70,18 @@ def _version(module):
 
 def environment(device):
     import torch
+
+    from dfq_dense.utils.environment import cpu_model, git_state
+    commit, dirty = git_state(REPO)
     env = dict(
         time=datetime.now(timezone.utc).isoformat(timespec='seconds'),
-        host_cpu=_cpu_model(), cpu_count=os.cpu_count(),
+        host_cpu=cpu_model(), cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         omp_num_threads=os.environ.get('OMP_NUM_THREADS'),
         device=str(device), gpu=None, python=platform.python_version(),
         torch=torch.__version__, mmcv=_version('mmcv'),
         mmengine=_version('mmengine'), mmdet=_version('mmdet'),
-        mmseg=_version('mmseg'), git_commit=_git('rev-parse', 'HEAD'),
-        git_dirty=bool(_git('status', '--porcelain', '--untracked-files=no')))
+        mmseg=_version('mmseg'), git_commit=commit, git_dirty=dirty)
     if str(device).startswith('cuda'):
         env['gpu'] = torch.cuda.get_device_name(torch.device(device))
         env['cuda'] = torch.version.cuda
@@ -158,42 +140,18 @@ def build_model(config, checkpoint, seed):
     from ``seed`` or ``checkpoint`` loaded with mmengine."""
     import torch
     from mmengine.config import Config
-    from mmengine.registry import init_default_scope
 
-    import dfq_dense  # noqa: F401  (registers the quantizers / loops)
+    from dfq_dense.engine import model_checks
+    from dfq_dense.engine.runner import task_of
     cfg = Config.fromfile(osp.join(REPO, config))
-    init_default_scope(cfg.default_scope)
-    if cfg.default_scope == 'mmdet':
-        from mmdet.registry import MODELS
-        from mmdet.utils import register_all_modules
-        task = 'det'
-    else:
-        from mmseg.registry import MODELS
-        from mmseg.utils import register_all_modules
-        task = 'seg'
-    register_all_modules()
     torch.manual_seed(seed)
-    model = MODELS.build(cfg.model)
+    model = model_checks.build_model(cfg)
     if checkpoint:
         from mmengine.runner import load_checkpoint
         load_checkpoint(model, osp.join(REPO, checkpoint),
                         map_location='cpu', logger='silent')
     model.eval()
-    return model, cfg, task
-
-
-def quantize_like_dfq(model, cfg):
-    """``quantize_model`` with the config's quantizer, as the DFQ loop
-    does (mmseg's auxiliary head, a training-only branch, stays FP)."""
-    from dfq_dense.quant import quantize_model
-    from dfq_dense.quant.spec import SETTING_KEYS
-    q = cfg.dfq.quantizer
-    skip = list(q.get('skip', []))
-    if getattr(model, 'with_auxiliary_head', False):
-        skip += ['auxiliary_head', 'auxiliary_head.*']
-    return quantize_model(model, w_bits=q.w_bits, a_bits=q.a_bits,
-                          scope=q.get('scope', 'model'), skip=skip,
-                          **{k: q[k] for k in SETTING_KEYS if k in q})
+    return model, cfg, task_of(cfg)
 
 
 def calibrate_like_dfq(model, cfg, task, images):
@@ -245,14 +203,16 @@ def bench_model(name, spec, args, device, repeats):
 
     import torch
 
-    from dfq_dense.engine.dfq_loop import _all_detections, calibration_batch
+    from dfq_dense.engine.dfq_loop import (_all_detections,
+                                           calibration_batch,
+                                           quantize_for_dfq)
     from dfq_dense.quant.quantizer import fast_eval
 
     t0 = time.time()
     fp, cfg, task = build_model(spec['config'], spec['checkpoint'],
                                 args.seed)
     quant = copy.deepcopy(fp)
-    counts = quantize_like_dfq(quant, cfg)
+    counts = quantize_for_dfq(quant, cfg.dfq.quantizer)
     fp.to(device)
     quant.to(device)
     h, w = spec['size']

@@ -28,7 +28,6 @@ import os
 import os.path as osp
 import platform
 import resource
-import subprocess
 import sys
 import time
 
@@ -102,25 +101,15 @@ def build_model(config):
     """(model, bits dict, task) of a DFQ config, random weights."""
     import torch
     from mmengine.config import Config
-    from mmengine.registry import init_default_scope
 
-    import dfq_dense  # noqa: F401  (registers the quantizers)
+    from dfq_dense.engine import model_checks
+    from dfq_dense.engine.runner import task_of
     cfg = Config.fromfile(config)
-    init_default_scope(cfg.default_scope)
-    if cfg.default_scope == 'mmdet':
-        from mmdet.registry import MODELS
-        from mmdet.utils import register_all_modules
-        task = 'det'
-    else:
-        from mmseg.registry import MODELS
-        from mmseg.utils import register_all_modules
-        task = 'seg'
-    register_all_modules()
     torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
+    model = model_checks.build_model(cfg)
     model.eval()
     q = cfg.dfq.quantizer
-    return model, dict(w_bits=q.w_bits, a_bits=q.a_bits), task
+    return model, dict(w_bits=q.w_bits, a_bits=q.a_bits), task_of(cfg)
 
 
 def run_setting(config, setting, images, size, seed):
@@ -128,11 +117,12 @@ def run_setting(config, setting, images, size, seed):
     import torch
     from mmengine.config import Config
 
-    from dfq_dense.engine.dfq_loop import _all_detections, calibration_batch
+    from dfq_dense.engine.dfq_loop import (_all_detections,
+                                           calibration_batch,
+                                           quantize_for_dfq)
     from dfq_dense.quant import (enable_calibration, finish_calibration,
-                                 iter_quantizers, quantize_model)
+                                 iter_quantizers)
     from dfq_dense.quant.observers import calibration_step
-    from dfq_dense.quant.spec import SETTING_KEYS
 
     torch.set_grad_enabled(False)
     start = time.time()
@@ -141,10 +131,7 @@ def run_setting(config, setting, images, size, seed):
     rss_model = _rss_mb()
     q = Config.fromfile(_setting_path(setting)).dfq_quantizer
     start = time.time()
-    counts = quantize_model(model, w_bits=bits['w_bits'],
-                            a_bits=bits['a_bits'], scope=q.scope,
-                            skip=q.skip,
-                            **{k: q[k] for k in SETTING_KEYS if k in q})
+    counts = quantize_for_dfq(model, dict(q, **bits))
     convert_s = time.time() - start
     gen = torch.Generator().manual_seed(seed)
     h, w = size
@@ -215,25 +202,10 @@ def run_isolated(*args):
 def environment():
     import mmdet
     import torch
-    cpu = platform.processor() or 'unknown'
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT,
-                                capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(['git', 'status', '--porcelain'],
-                                    cwd=ROOT, capture_output=True,
-                                    text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    return dict(device=f'CPU: {cpu}', cpu_count=os.cpu_count(),
+
+    from dfq_dense.utils.environment import cpu_model, git_state
+    commit, dirty = git_state(ROOT)
+    return dict(device=f'CPU: {cpu_model()}', cpu_count=os.cpu_count(),
                 torch_threads=torch.get_num_threads(),
                 omp_num_threads=os.environ.get('OMP_NUM_THREADS'),
                 torch=torch.__version__, mmdet=mmdet.__version__,

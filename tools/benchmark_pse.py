@@ -32,7 +32,6 @@ import os
 import os.path as osp
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -68,35 +67,14 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------- environment
-def cpu_model() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO,
-                             capture_output=True, text=True, timeout=10)
-        commit = out.stdout.strip() or None
-        dirty = subprocess.run(['git', 'status', '--porcelain',
-                                '--untracked-files=no'], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
-        return f'{commit}{"+dirty" if dirty.stdout.strip() else ""}'
-    except Exception:  # pragma: no cover - no git
-        return 'unknown'
-
-
 def environment(device) -> dict:
+    from dfq_dense.utils.environment import cpu_model, git_state
+    commit, dirty = git_state(REPO)
     env = dict(cpu=cpu_model(), torch_threads=torch.get_num_threads(),
                omp_num_threads=os.environ.get('OMP_NUM_THREADS'),
                torch=torch.__version__, python=platform.python_version(),
-               git_commit=git_commit(), device=str(device))
+               git_commit=f'{commit}{"+dirty" if dirty else ""}'
+               if commit else 'unknown', device=str(device))
     if torch.device(device).type == 'cuda':
         env['gpu'] = torch.cuda.get_device_name(device)
     return env
