@@ -149,6 +149,22 @@ def _all_detections(model):
             m.test_cfg['score_thr'] = value
 
 
+def quantize_for_dfq(model, quantizer, dry_run=False):
+    """``quantize_model`` with a ``dfq.quantizer`` config, as every DFQ run
+    converts (the loop, the benchmarks): bits, scope, skip and the setting
+    keys.  mmseg's auxiliary head is a training-only branch: it never runs
+    at test time, so it neither sees calibration data nor changes a
+    metric; it stays FP."""
+    q = quantizer
+    skip = list(q.get('skip', []))
+    if getattr(model, 'with_auxiliary_head', False):
+        skip += ['auxiliary_head', 'auxiliary_head.*']
+    return quantize_model(
+        model, w_bits=q['w_bits'], a_bits=q['a_bits'],
+        scope=q.get('scope', 'model'), skip=skip, dry_run=dry_run,
+        **{k: q[k] for k in SETTING_KEYS if k in q})
+
+
 @LOOPS.register_module()
 class DFQTestLoop(TestLoop):
     """Test loop that quantizes the model data-free before testing.
@@ -344,17 +360,7 @@ class DFQTestLoop(TestLoop):
         return images
 
     def _quantize(self, model, dry_run=False):
-        q = self.dfq.quantizer
-        skip = list(q.skip)
-        if getattr(model, 'with_auxiliary_head', False):
-            # mmseg's auxiliary head is a training-only branch: it never
-            # runs at test time, so it neither sees calibration data nor
-            # changes a metric.  It stays FP.
-            skip += ['auxiliary_head', 'auxiliary_head.*']
-        return quantize_model(
-            model, w_bits=q.w_bits, a_bits=q.a_bits, scope=q.scope,
-            skip=skip, dry_run=dry_run,
-            **{k: q[k] for k in SETTING_KEYS if k in q})
+        return quantize_for_dfq(model, self.dfq.quantizer, dry_run)
 
     def _check_quant_params_cfg(self, path):
         try:
@@ -476,7 +482,8 @@ class DFQTestLoop(TestLoop):
 
         if rank == 0:
             stale = [f for f in sorted(glob.glob(
-                osp.join(batch_dir, 'batch_*.pth'))) if _batch_key(f) != key]
+                osp.join(batch_dir, 'batch_*.pth')))
+                if (_read_batch(f) or {}).get('key') != key]
             if stale:
                 print_log(f'DFQ: synthesis settings or checkpoint changed: '
                           f'starting over ({len(stale)} finished batch(es) '
@@ -490,10 +497,9 @@ class DFQTestLoop(TestLoop):
         mine = [b for b in range(synth.num_batches) if b % world == rank]
         batches, todo = {}, []
         for b in mine:
-            path = osp.join(batch_dir, f'batch_{b:05d}.pth')
-            if osp.isfile(path) and _batch_key(path) == key:
-                from ..utils.checkpoint import safe_torch_load
-                batches[b] = safe_torch_load(path)['images']
+            saved = _read_batch(osp.join(batch_dir, f'batch_{b:05d}.pth'))
+            if saved is not None and saved.get('key') == key:
+                batches[b] = saved['images']
             else:
                 todo.append(b)
         if batches:
@@ -639,12 +645,15 @@ def _flatten_feats(feats):
     return torch.cat([f.flatten() for f in feats])
 
 
-def _batch_key(path):
-    """The synthesis key stored in a batch file (None if unreadable)."""
+def _read_batch(path):
+    """A finished batch file (dict with ``images`` and ``key``), or None
+    when it is missing or unreadable (then it is synthesized again)."""
     from ..utils.checkpoint import safe_torch_load
+    if not osp.isfile(path):
+        return None
     try:
-        return safe_torch_load(path).get('key')
-    except Exception:  # noqa: BLE001  (a broken batch is synthesized again)
+        return safe_torch_load(path)
+    except Exception:  # noqa: BLE001  (a broken batch is redone)
         return None
 
 
