@@ -19,8 +19,3 @@ official_checkpoint = 'https://github.com/SwinTransformer/storage/releases/downl
 load_from = None
 # Percentile activations + OMSE weights: the best W4A4 setting on the demo
 # (README, quantizer table); naive min/max loses most at 4-bit activations.
-test_cfg = dict(type='dfq_dense.DFQTestLoop')
-dfq = dict(
-    synthesizer=_base_.dfq_synthesizer,
-    quantizer=dict(**_base_.dfq_quantizer, **_base_.dfq_bits),
-    calib_batch_size=_base_.dfq_calib_batch_size)

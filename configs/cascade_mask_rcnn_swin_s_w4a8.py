@@ -18,8 +18,3 @@ _base_ = [
 official_checkpoint = 'https://github.com/SwinTransformer/storage/releases/download/v1.0.2/cascade_mask_rcnn_swin_small_patch4_window7.pth'  # noqa
 load_from = None
 # Naive quantizer, as PSAQ-ViT / PSAQ-ViT V2 report W8A8 and W4A8.
-test_cfg = dict(type='dfq_dense.DFQTestLoop')
-dfq = dict(
-    synthesizer=_base_.dfq_synthesizer,
-    quantizer=dict(**_base_.dfq_quantizer, **_base_.dfq_bits),
-    calib_batch_size=_base_.dfq_calib_batch_size)

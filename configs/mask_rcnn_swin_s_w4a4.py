@@ -11,8 +11,3 @@ _base_ = [
 load_from = 'https://download.openmmlab.com/mmdetection/v2.0/swin/mask_rcnn_swin-s-p4-w7_fpn_fp16_ms-crop-3x_coco/mask_rcnn_swin-s-p4-w7_fpn_fp16_ms-crop-3x_coco_20210903_104808-b92c91f1.pth'  # noqa
 # Percentile activations + OMSE weights: the best W4A4 setting on the demo
 # (README, quantizer table); naive min/max loses most at 4-bit activations.
-test_cfg = dict(type='dfq_dense.DFQTestLoop')
-dfq = dict(
-    synthesizer=_base_.dfq_synthesizer,
-    quantizer=dict(**_base_.dfq_quantizer, **_base_.dfq_bits),
-    calib_batch_size=_base_.dfq_calib_batch_size)

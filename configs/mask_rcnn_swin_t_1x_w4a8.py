@@ -10,8 +10,3 @@ _base_ = [
 # CHECKPOINT to tools/dfq_test.py.
 load_from = 'https://download.openmmlab.com/mmdetection/v2.0/swin/mask_rcnn_swin-t-p4-w7_fpn_1x_coco/mask_rcnn_swin-t-p4-w7_fpn_1x_coco_20210902_120937-9d6b7cfa.pth'  # noqa
 # Naive quantizer, as PSAQ-ViT / PSAQ-ViT V2 report W8A8 and W4A8.
-test_cfg = dict(type='dfq_dense.DFQTestLoop')
-dfq = dict(
-    synthesizer=_base_.dfq_synthesizer,
-    quantizer=dict(**_base_.dfq_quantizer, **_base_.dfq_bits),
-    calib_batch_size=_base_.dfq_calib_batch_size)

@@ -11,8 +11,3 @@ _base_ = [
 load_from = 'https://download.openmmlab.com/mmdetection/v2.0/swin/mask_rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco/mask_rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco_20210906_131725-bacf6f7b.pth'  # noqa
 # Percentile activations + OMSE weights: the best W4A4 setting on the demo
 # (README, quantizer table); naive min/max loses most at 4-bit activations.
-test_cfg = dict(type='dfq_dense.DFQTestLoop')
-dfq = dict(
-    synthesizer=_base_.dfq_synthesizer,
-    quantizer=dict(**_base_.dfq_quantizer, **_base_.dfq_bits),
-    calib_batch_size=_base_.dfq_calib_batch_size)

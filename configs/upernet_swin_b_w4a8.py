@@ -10,8 +10,3 @@ _base_ = [
 # CHECKPOINT to tools/dfq_test.py.
 load_from = 'https://download.openmmlab.com/mmsegmentation/v0.5/swin/upernet_swin_base_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K/upernet_swin_base_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210526_192340-593b0e13.pth'  # noqa
 # Naive quantizer, as PSAQ-ViT / PSAQ-ViT V2 report W8A8 and W4A8.
-test_cfg = dict(type='dfq_dense.DFQTestLoop')
-dfq = dict(
-    synthesizer=_base_.dfq_synthesizer,
-    quantizer=dict(**_base_.dfq_quantizer, **_base_.dfq_bits),
-    calib_batch_size=_base_.dfq_calib_batch_size)

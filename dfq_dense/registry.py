@@ -20,6 +20,15 @@ HOOKS = Registry('hook', parent=MMENGINE_HOOKS,
                  locations=['dfq_dense.engine'])
 LOOPS = Registry('loop', parent=MMENGINE_LOOPS,
                  locations=['dfq_dense.engine'])
+# Steps that change the calibrated quantized student after calibration
+# (PSAQ-ViT V2's rounds, MimiQ's head-wise distillation, SPDFQ's block-wise
+# reconstruction): the ``(adapt)`` stage of the DFQ loop, built from
+# ``dfq.adapter``.  mmengine has no root registry for such steps (and a
+# second ``dfq_dense`` child under one of its roots would clash with the
+# ones above), so this one is a root of its own in the ``dfq_dense`` scope,
+# always built through :func:`build` below.
+ADAPTERS = Registry('adapter', scope='dfq_dense',
+                    locations=['dfq_dense.adapt'])
 
 
 def build(registry, cfg, **kwargs):

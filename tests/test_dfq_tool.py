@@ -1,4 +1,5 @@
 """tools/dfq_test.py: configs, bad input, and the DFQ loop end to end."""
+import copy
 import glob
 import os
 import os.path as osp
@@ -6,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 from dfq_dense.engine.dfq_config import DFQConfigError, parse_dfq_config
+from dfq_dense.engine.runner import load_config
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(REPO, 'tools'))
@@ -35,7 +36,7 @@ def test_all_real_configs_exist():
 
 @pytest.mark.parametrize('path', REAL_CONFIGS, ids=osp.basename)
 def test_real_config_builds(path):
-    cfg = Config.fromfile(path)
+    cfg = load_config(path)
     dfq = parse_dfq_config(cfg.dfq)
     bits = osp.basename(path)[-7:-3]
     assert f'w{dfq.quantizer.w_bits}a{dfq.quantizer.a_bits}' == bits
@@ -66,7 +67,7 @@ def test_real_config_builds(path):
     'path', sorted(glob.glob(osp.join(REPO, 'configs', 'demo', '*_w?a?*.py'))),
     ids=osp.basename)
 def test_demo_dfq_configs_parse(path):
-    cfg = Config.fromfile(path)
+    cfg = load_config(path)
     dfq = parse_dfq_config(cfg.dfq)
     expected = 'GaussianNoise' if path.endswith('_noise.py') else 'PSAQViT'
     assert dfq.synthesizer.type == expected
@@ -333,7 +334,7 @@ def test_fragments_compose_in_one_line(tmp_path):
         "dfq = dict(quantizer=dict(_delete_=True, **_base_.dfq_quantizer,\n"
         "                          **_base_.dfq_bits, "
         "**_base_.dfq_first_last))\n")
-    dfq = parse_dfq_config(Config.fromfile(str(cfg)).dfq)
+    dfq = parse_dfq_config(load_config(str(cfg)).dfq)
     assert dfq.quantizer.first_last_bits == 8
     assert dfq.quantizer.w_bits == 8 and dfq.synthesizer.type == 'PSAQViT'
     for method, expected in [('mimiq', 'MimiQ'), ('spdfq', 'SPDFQ'),
@@ -345,7 +346,81 @@ def test_fragments_compose_in_one_line(tmp_path):
         text = text.replace("'./_base_/", f"'{REPO}/configs/_base_/")
         path = tmp_path / f'{method}.py'
         path.write_text(text)
-        dfq = parse_dfq_config(Config.fromfile(str(path)).dfq)
+        dfq = parse_dfq_config(load_config(str(path)).dfq)
         assert dfq.synthesizer.type == expected
         assert dfq.quantizer.a_bits == 4
         assert dfq.quantizer.act.observer.type == 'PercentileObserver'
+
+
+LEAVES = sorted(glob.glob(osp.join(REPO, 'configs', '*.py')) +
+                glob.glob(osp.join(REPO, 'configs', 'demo', '*_w*.py')))
+
+
+@pytest.mark.parametrize('path', LEAVES, ids=osp.basename)
+def test_leaf_config_is_bases_plus_what_differs(path):
+    """No leaf repeats the loop / dfq tail: the loader joins the fragments."""
+    with open(path) as f:
+        text = f.read()
+    assert 'test_cfg' not in text and '_base_.dfq_' not in text, path
+    cfg = load_config(path)
+    assert cfg.test_cfg.type == 'dfq_dense.DFQTestLoop'
+    assert cfg.dfq.quantizer.w_bits == cfg.dfq_bits.w_bits
+    assert cfg.dfq.synthesizer.type == cfg.dfq_synthesizer.type or \
+        path.endswith('_noise.py')
+
+
+def _fragments_cfg(dfq=None):
+    from mmengine.config import Config
+    cfg = Config(dict(
+        dfq_synthesizer=dict(type='MimiQ', num_images=32, iterations=500,
+                             components=dict(tv=True)),
+        dfq_quantizer=dict(scope='model', skip=[], weight=dict(
+            observer=dict(type='MinMaxObserver'))),
+        dfq_bits=dict(w_bits=8, a_bits=8), dfq_calib_batch_size=4,
+        test_cfg=dict(type='TestLoop')))
+    if dfq is not None:
+        cfg.dfq = dfq
+    return cfg
+
+
+def test_assemble_dfq_merges_like_mmengine():
+    from dfq_dense.engine.dfq_config import assemble_dfq
+    cfg = assemble_dfq(_fragments_cfg(dict(
+        synthesizer=dict(num_images=8),
+        quantizer=dict(w_bits=4, weight=dict(_delete_=True, observer=dict(
+            type='MSEObserver'))))))
+    assert cfg.test_cfg == dict(type='dfq_dense.DFQTestLoop')
+    assert cfg.dfq.synthesizer == dict(
+        type='MimiQ', num_images=8, iterations=500,
+        components=dict(tv=True))
+    assert cfg.dfq.quantizer == dict(
+        scope='model', skip=[], weight=dict(observer=dict(
+            type='MSEObserver')), w_bits=4, a_bits=8)
+    assert cfg.dfq.calib_batch_size == 4
+    # idempotent
+    again = copy.deepcopy(cfg.dfq.to_dict())
+    assert assemble_dfq(cfg).dfq.to_dict() == again
+    parse_dfq_config(cfg.dfq)
+
+
+def test_assemble_dfq_type_switch_replaces_another_method():
+    from dfq_dense.engine.dfq_config import assemble_dfq
+    from dfq_dense.registry import MODELS
+    from dfq_dense.synth import MimiQ
+    # another method: the fragment's MimiQ settings do not carry over
+    cfg = assemble_dfq(_fragments_cfg(dict(
+        synthesizer=dict(type='GaussianNoise', batch_size=2))))
+    assert cfg.dfq.synthesizer == dict(type='GaussianNoise', batch_size=2)
+    # a variant (subclass) of the fragment's method keeps its settings
+    if 'MyMimiQ' not in MODELS.module_dict:
+        MODELS.register_module('MyMimiQ', module=type('MyMimiQ', (MimiQ,),
+                                                       {}))
+    cfg = assemble_dfq(_fragments_cfg(dict(
+        synthesizer=dict(type='MyMimiQ', batch_size=2))))
+    assert cfg.dfq.synthesizer == dict(
+        type='MyMimiQ', num_images=32, iterations=500,
+        components=dict(tv=True), batch_size=2)
+    # an explicit _delete_ replaces the fragment whole
+    cfg = assemble_dfq(_fragments_cfg(dict(synthesizer=dict(
+        _delete_=True, type='MyMimiQ', num_images=3))))
+    assert cfg.dfq.synthesizer == dict(type='MyMimiQ', num_images=3)

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 from dfq_dense.quant import (Quantizer, QuantWindowMSA, enable_calibration,
@@ -22,6 +21,7 @@ from dfq_dense.quant.modules import (QuantConv2d, QuantConvTranspose2d,
                                      QuantLinear, QuantMatMul,
                                      QuantWeightModule, clear_quant_caches)
 from dfq_dense.quant.quantizer import fast_eval
+from dfq_dense.engine.runner import load_config
 from tiny_models import TinyModel
 
 
@@ -395,7 +395,7 @@ DEMO = {'det': 'configs/demo/mask_rcnn_swin_demo.py',
 @pytest.mark.parametrize('task', ['det', 'seg'])
 def test_demo_models_test_step_bit_identical(task):
     from dfq_dense.engine.dfq_loop import _all_detections, calibration_batch
-    cfg = Config.fromfile(DEMO[task])
+    cfg = load_config(DEMO[task])
     init_default_scope(cfg.default_scope)
     if task == 'det':
         from mmdet.registry import MODELS

@@ -16,6 +16,7 @@ from mmengine.config import Config
 
 import dfq_dense  # noqa: F401  (lets _base_ use 'dfq_dense::')
 from dfq_dense.config_scope import config_root, resolve_config
+from dfq_dense.engine.runner import load_config
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 PROJECT = osp.join(REPO, 'projects', 'example_project')
@@ -35,8 +36,8 @@ def _write(path, text):
 def test_scope_base_resolves_from_anywhere(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     leaf = _write(tmp_path / 'leaf.py', f"_base_ = 'dfq_dense::{name}'\n")
-    by_scope = Config.fromfile(leaf)
-    by_path = Config.fromfile(osp.join(REPO, 'configs', name))
+    by_scope = load_config(leaf)
+    by_path = load_config(osp.join(REPO, 'configs', name))
     assert by_scope.to_dict() == by_path.to_dict()
 
 
@@ -45,7 +46,7 @@ def test_scope_base_overrides_and_lists(tmp_path, monkeypatch):
     leaf = _write(tmp_path / 'leaf.py', (
         "_base_ = ['dfq_dense::demo/upernet_swin_demo_w8a8.py']\n"
         "dfq = dict(quantizer=dict(w_bits=4))\n"))
-    cfg = Config.fromfile(leaf)
+    cfg = load_config(leaf)
     assert cfg.default_scope == 'mmseg'
     assert cfg.dfq.quantizer.w_bits == 4 and cfg.dfq.quantizer.a_bits == 8
     assert cfg.dfq.synthesizer.type == 'PSAQViT'
@@ -77,8 +78,8 @@ def test_project_configs_and_method(monkeypatch):
     for name, suite in ((DEMO_CONFIG, 'demo/upernet_swin_demo_w8a8.py'),
                         ('mask_rcnn_swin_s_w8a8_smooth_psaq.py',
                          'mask_rcnn_swin_s_w8a8.py')):
-        cfg = Config.fromfile(osp.join(PROJECT, 'configs', name))
-        base = Config.fromfile(osp.join(REPO, 'configs', suite))
+        cfg = load_config(osp.join(PROJECT, 'configs', name))
+        base = load_config(osp.join(REPO, 'configs', suite))
         assert cfg.dfq.synthesizer.type == 'SmoothPSAQViT'
         # One change: the data source (and the import that provides it).
         synth = dict(cfg.dfq.synthesizer, type='PSAQViT')

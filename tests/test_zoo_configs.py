@@ -6,10 +6,10 @@ import os.path as osp
 
 import pytest
 import torch
-from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 from dfq_dense.engine.dfq_config import parse_dfq_config
+from dfq_dense.engine.runner import load_config
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 BITS = ('w8a8', 'w6a6', 'w4a8', 'w4a4')
@@ -51,7 +51,7 @@ def test_all_new_configs_exist():
 
 @pytest.mark.parametrize('name', NEW_CONFIGS)
 def test_new_config_parses_with_right_bits(name):
-    cfg = Config.fromfile(osp.join(REPO, 'configs', name))
+    cfg = load_config(osp.join(REPO, 'configs', name))
     dfq = parse_dfq_config(cfg.dfq)
     bits = name[-7:-3]
     assert f'w{dfq.quantizer.w_bits}a{dfq.quantizer.a_bits}' == bits
@@ -85,7 +85,7 @@ def test_new_config_parses_with_right_bits(name):
 
 @pytest.mark.parametrize('model', list(MODELS))
 def test_new_model_builds_with_right_backbone(model):
-    cfg = Config.fromfile(osp.join(REPO, 'configs', f'{model}_w8a8.py'))
+    cfg = load_config(osp.join(REPO, 'configs', f'{model}_w8a8.py'))
     _, embed, depths, heads = MODELS[model]
     built = _build(cfg)
     backbone = built.backbone
@@ -109,7 +109,7 @@ def test_new_model_builds_with_right_backbone(model):
 def test_cascade_is_the_official_model(size, depths):
     from mmdet.models.roi_heads.bbox_heads import ConvFCBBoxHead
     from mmdet.models.losses import GIoULoss
-    cfg = Config.fromfile(osp.join(
+    cfg = load_config(osp.join(
         REPO, 'configs', f'cascade_mask_rcnn_swin_{size}_w4a4.py'))
     bb = cfg.model.backbone
     assert (bb.type, bb.embed_dims, bb.window_size, bb.drop_path_rate) == \
@@ -153,7 +153,7 @@ def test_cascade_swin_t_forward_on_cpu():
     """Random weights, one 224x224 image, test mode: detections come out
     (boxes, scores, labels, masks) without error."""
     from mmdet.structures import DetDataSample
-    cfg = Config.fromfile(osp.join(
+    cfg = load_config(osp.join(
         REPO, 'configs', 'cascade_mask_rcnn_swin_t_w8a8.py'))
     # Keep every proposal / detection: random weights score low.
     cfg.model.test_cfg.rcnn.score_thr = 0.0

@@ -6,8 +6,8 @@ import re
 
 import pytest
 import yaml
-from mmengine.config import Config
 
+from dfq_dense.engine.runner import load_config
 from dfq_dense.zoo.published import (REGISTRY, PublishedRegistryError,
                                      find_entries, fp_entry_for_checkpoint,
                                      load_published, validate_published)
@@ -46,7 +46,7 @@ def _config_fp_figures(path):
 
 @pytest.mark.parametrize('path', REAL_CONFIGS, ids=osp.basename)
 def test_every_config_checkpoint_has_its_fp_entry(path, entries):
-    cfg = Config.fromfile(path)
+    cfg = load_config(path)
     checkpoint = _config_checkpoint(cfg)
     assert checkpoint, f'{path}: neither load_from nor official_checkpoint'
     entry = fp_entry_for_checkpoint(checkpoint, entries)

@@ -3,19 +3,15 @@ _base_ = [
     '../_base_/methods/psaq_vit.py', '../_base_/quantizers/naive.py', '../_base_/bits/w4a8.py'
 ]
 load_from = 'dfq_dense/demo/checkpoints/mask_rcnn_swin_demo.pth'
-test_cfg = dict(type='dfq_dense.DFQTestLoop')
 # Fewer images and iterations than on COCO: the demo (both models, FP and
 # quantized evaluation) runs on 2 CPU cores in minutes.  The patch-similarity
 # entropy is exact, as on the real configs.
 dfq = dict(
     synthesizer=dict(
-        _base_.dfq_synthesizer,
         num_images=8,
         batch_size=8,
         # demo budget: 2 rounds x 50 iterations (the official schedule's
         # 2 rounds x 500, scaled down; as many iterations as the earlier
         # 1 x 100 demo)
         synth_rounds=2,
-        iterations=50),
-    quantizer=dict(**_base_.dfq_quantizer, **_base_.dfq_bits),
-    calib_batch_size=_base_.dfq_calib_batch_size)
+        iterations=50))

@@ -2,6 +2,8 @@
 
     dfq = dict(
         synthesizer=dict(type='PSAQViT', num_images=32, ...),  # data source
+        adapter=None,                # or dict(type='PSAQViTV2Rounds', ...):
+                                     # changes the calibrated student
         quantizer=dict(w_bits=8, a_bits=8, scope='model', skip=[],
                        # setting (dfq_dense.quant.spec): weight, act,
                        # matmul, softmax, reparam, first_last_bits,
@@ -14,6 +16,7 @@
         allow_unobserved=False)      # run on with quantizers that saw no
                                      # calibration data left FP (reported)
 """
+import copy
 import inspect
 import json
 import math
@@ -29,8 +32,8 @@ class DFQConfigError(ValueError):
 
 
 QUANTIZER_KEYS = {'w_bits', 'a_bits', 'scope', 'skip'} | set(SETTING_KEYS)
-TOP_KEYS = {'synthesizer', 'quantizer', 'calib_batch_size', 'load_images',
-            'load_quantized', 'eval_fp', 'allow_unobserved'}
+TOP_KEYS = {'synthesizer', 'adapter', 'quantizer', 'calib_batch_size',
+            'load_images', 'load_quantized', 'eval_fp', 'allow_unobserved'}
 SCOPES = ('model', 'backbone')
 
 
@@ -43,13 +46,17 @@ def _check_bits(name, value):
 
 
 # --------------------------------------------------------------------------
-# dfq.synthesizer: generic validation of the settings, by key (a key means
-# the same in every method: see the constructors in dfq_dense/synth/)
+# dfq.synthesizer and dfq.adapter: generic validation of the settings, by key
+# (a key means the same in every method: see the constructors in
+# dfq_dense/synth/ and dfq_dense/adapt/)
 # --------------------------------------------------------------------------
 # Data sources that run no optimisation: ``iterations`` may be 0.
 NON_ITERATIVE = ('GaussianNoise', 'RealImages')
 # Sub-configs whose content only one method understands.
 METHOD_SPECIFIC_KEYS = ('components', 'student_step')
+# Components a synthesizer took before the adaptation had a key of its own,
+# and the adapter that is that step now.
+MOVED_COMPONENTS = {'distill': 'MimiQDistill'}
 # Integer settings and their minimum; True: None is allowed too.
 INT_MIN = {
     'num_images': (1, False), 'batch_size': (1, False),
@@ -210,41 +217,115 @@ def synthesizer_keys(cls):
     return None
 
 
-def validate_synthesizer(synth, name, cls):
+def adapter_class(name):
+    """The registered adapter class of ``name`` (None if unknown)."""
+    from ..registry import ADAPTERS
+    if not isinstance(name, str):
+        return None
+    name = name.split('.', 1)[1] if name.startswith('dfq_dense.') else name
+    if '.' in name:
+        return None
+    cls = ADAPTERS.get(name)
+    return cls if name in ADAPTERS.module_dict else None
+
+
+def registered_adapters():
+    """``{name: class}`` of the registered adapters."""
+    from ..registry import ADAPTERS
+    ADAPTERS.import_from_location()
+    return dict(ADAPTERS.module_dict)
+
+
+def _moved_to_adapter(synth, name, cls, unknown):
+    """The one-line error for synthesizer settings that belong to the
+    adaptation step now (keys an adapter takes, components it is), or
+    None."""
+    adapters = {n: synthesizer_keys(a) or set()
+                for n, a in registered_adapters().items()}
+    # a key of an adapter no synthesizer takes, or any key of the adapter
+    # that took over part of this method (PSAQViTV2 -> PSAQViTV2Rounds)
+    synth_keys = set()
+    for other in MODELS.module_dict.values():
+        if getattr(other, 'is_synthesizer', False):
+            synth_keys |= synthesizer_keys(other) or set()
+    moved = [k for k in unknown
+             if any(k in keys and (k not in synth_keys or n.startswith(name))
+                    for n, keys in adapters.items())]
+    if moved:
+        takers = [n for n, keys in adapters.items() if set(moved) <= keys]
+        takers.sort(key=lambda n: (not n.startswith(name), n))
+        example = f"dict(type='{takers[0]}', {moved[0]}=...)" if takers \
+            else 'dict(type=...)'
+        return (f'dfq.synthesizer: {name} does not take {moved}: they '
+                'change the quantized student, so they belong to '
+                f'dfq.adapter (e.g. dfq.adapter={example})')
+    components = synth.get('components')
+    if isinstance(components, dict):
+        components = list(components)
+    known = getattr(cls, 'COMPONENTS', None)
+    if isinstance(components, (list, tuple)) and known is not None:
+        for comp in components:
+            if comp not in known and comp in MOVED_COMPONENTS:
+                return (f'dfq.synthesizer.components: {comp!r} is not a '
+                        f'synthesis component of {name} any more: set '
+                        f"dfq.adapter=dict(type='{MOVED_COMPONENTS[comp]}') "
+                        '(or dfq.adapter=None to switch it off)')
+    return None
+
+
+def _validate_settings(settings, where, name, cls, iterative=True):
     """Raise :class:`DFQConfigError` (one line) on a non-finite number, a
-    key ``cls`` does not take or a value out of range in ``synth``."""
-    found = _non_finite(dict(synth), 'dfq.synthesizer')
+    key ``cls`` does not take or a value out of range in ``settings`` (the
+    config ``where``, e.g. ``'dfq.adapter'``)."""
+    found = _non_finite(dict(settings), where)
     if found:
         raise DFQConfigError(f'{found[0]}={found[1]!r} is not a finite '
                              'number: set a finite value')
     accepted = synthesizer_keys(cls)
     if accepted is not None:
-        unknown = sorted(k for k in synth
+        unknown = sorted(k for k in settings
                          if k not in accepted and k not in ('type',
                                                             '_scope_'))
         if unknown:
             raise DFQConfigError(
-                f'dfq.synthesizer: {name} does not take {unknown}; it takes '
+                f'{where}: {name} does not take {unknown}; it takes '
                 f'{sorted(accepted)}')
-    iterative = name not in NON_ITERATIVE
-    for key, value in synth.items():
+    for key, value in settings.items():
         problem = _check_setting(key, value, iterative)
         if problem:
             note = f' ({NOTES[key]})' if key in NOTES else ''
             raise DFQConfigError(
-                f'dfq.synthesizer.{key}={value!r} is invalid: {problem}'
-                f'{note}')
-    student = synth.get('student_step')
+                f'{where}.{key}={value!r} is invalid: {problem}{note}')
+    student = settings.get('student_step')
     if isinstance(student, dict):
         for key, value in student.items():
             problem = _check_setting(key, value, True)
             if problem:
                 raise DFQConfigError(
-                    f'dfq.synthesizer.student_step.{key}={value!r} is '
-                    f'invalid: {problem}')
+                    f'{where}.student_step.{key}={value!r} is invalid: '
+                    f'{problem}')
     elif student is not None:
-        raise DFQConfigError('dfq.synthesizer.student_step must be a dict '
-                             'or None')
+        raise DFQConfigError(f'{where}.student_step must be a dict or None')
+
+
+def validate_synthesizer(synth, name, cls):
+    """Raise :class:`DFQConfigError` (one line) on a non-finite number, a
+    key ``cls`` does not take or a value out of range in ``synth``; settings
+    of the adaptation step (PSAQ-ViT V2's rounds, a ``student_step``,
+    MimiQ's ``distill``) name ``dfq.adapter`` as the fix."""
+    accepted = synthesizer_keys(cls)
+    unknown = [k for k in synth if accepted is not None and
+               k not in accepted and k not in ('type', '_scope_')]
+    moved = _moved_to_adapter(synth, name, cls, unknown)
+    if moved:
+        raise DFQConfigError(moved)
+    _validate_settings(synth, 'dfq.synthesizer', name, cls,
+                       iterative=name not in NON_ITERATIVE)
+
+
+def validate_adapter(adapter, name, cls):
+    """:func:`validate_synthesizer` for ``dfq.adapter``."""
+    _validate_settings(adapter, 'dfq.adapter', name, cls)
 
 
 def parse_dfq_config(cfg):
@@ -272,6 +353,20 @@ def parse_dfq_config(cfg):
         raise DFQConfigError(
             f'unknown DFQ method {method!r}; registered methods: {known}')
     validate_synthesizer(synth, cls.__name__, cls)
+
+    adapter = cfg.setdefault('adapter', None)
+    if adapter is not None:
+        if not isinstance(adapter, dict) or 'type' not in adapter:
+            raise DFQConfigError(
+                'dfq.adapter must be None or a dict with a `type` (e.g. '
+                'PSAQViTV2Rounds)')
+        acls = adapter_class(adapter['type'])
+        if acls is None:
+            known = sorted(registered_adapters())
+            raise DFQConfigError(
+                f'unknown DFQ adapter {adapter["type"]!r}; registered '
+                f'adapters: {known}')
+        validate_adapter(adapter, acls.__name__, acls)
 
     quant = ConfigDict(cfg.get('quantizer') or {})
     unknown = set(quant) - QUANTIZER_KEYS
@@ -314,3 +409,103 @@ def parse_dfq_config(cfg):
 def plain(cfg):
     """``cfg`` as plain Python values (safe to save with weights_only)."""
     return json.loads(json.dumps(cfg))
+
+
+# --------------------------------------------------------------------------
+# dfq from the configs/_base_ fragments
+# --------------------------------------------------------------------------
+# The fragment keys of configs/_base_/ (methods, quantizers, bits, runtime)
+# and where each goes in ``dfq``.  mmengine forbids one top-level key in two
+# bases, so each fragment sets a key of its own and the leaf config would
+# have to join them; :func:`assemble_dfq` joins them instead, so that a leaf
+# config is its ``_base_`` list plus what differs.
+FRAGMENT_KEYS = (('synthesizer', 'dfq_synthesizer'),
+                 ('adapter', 'dfq_adapter'),
+                 ('calib_batch_size', 'dfq_calib_batch_size'))
+QUANTIZER_FRAGMENTS = ('dfq_quantizer', 'dfq_bits')
+DFQ_LOOP = 'dfq_dense.DFQTestLoop'
+
+
+def _strip_delete(value):
+    """``value`` without mmengine's ``_delete_`` markers (left behind where
+    the key was not in a base)."""
+    if isinstance(value, dict):
+        return {k: _strip_delete(v) for k, v in value.items()
+                if k != '_delete_'}
+    return value
+
+
+def _type_name(value):
+    if isinstance(value, dict) and isinstance(value.get('type'), str):
+        return value['type'].split('.')[-1]
+    return None
+
+
+def _switched(name, new_type, fragment):
+    """What of the fragment's ``name`` settings carries over to a method of
+    another type: all of them for a subclass of the fragment's class (a
+    variant of the method, e.g. a user's PSAQ-ViT with one change), none
+    for another method (its own defaults hold: one method's settings mean
+    nothing to another)."""
+    def cls_of(type_name):
+        if not isinstance(type_name, str):
+            return None
+        if name == 'synthesizer':
+            return synthesizer_class(type_name)
+        from ..registry import ADAPTERS
+        return ADAPTERS.get(type_name.split('.')[-1])
+    new_cls, old_cls = cls_of(new_type), cls_of(fragment.get('type'))
+    if new_cls is None or old_cls is None or \
+            not issubclass(new_cls, old_cls):
+        return {}
+    return {k: v for k, v in fragment.items() if k != 'type'}
+
+
+def assemble_dfq(cfg):
+    """Set ``cfg.dfq`` from the fragments' keys with ``cfg.dfq`` on top.
+
+    ``dfq.synthesizer`` starts from ``dfq_synthesizer``, ``dfq.adapter``
+    from ``dfq_adapter``, ``dfq.quantizer`` from ``dfq_quantizer`` and
+    ``dfq_bits``, ``dfq.calib_batch_size`` from ``dfq_calib_batch_size``;
+    what the config writes under ``dfq`` is merged on top as mmengine
+    merges a config into its base (``_delete_=True`` replaces).  A
+    ``dfq.synthesizer`` / ``dfq.adapter`` naming another ``type`` than the
+    fragment's replaces it, unless the new class is a subclass of the
+    fragment's (see :func:`_switched`).  Also makes the test loop the DFQ loop (a base
+    cannot: mmdet's and mmseg's bases set ``test_cfg``).
+
+    Idempotent; a config without fragment keys is left as it is.  Returns
+    ``cfg``.
+    """
+    from mmengine.config import Config
+    if not any(key in cfg for _, key in FRAGMENT_KEYS) and \
+            not any(key in cfg for key in QUANTIZER_FRAGMENTS):
+        return cfg
+    base = {}
+    for name, key in FRAGMENT_KEYS:
+        if key in cfg:
+            value = cfg[key]
+            base[name] = copy.deepcopy(value.to_dict() if isinstance(
+                value, ConfigDict) else value)
+    quant = {}
+    for key in QUANTIZER_FRAGMENTS:
+        quant.update(copy.deepcopy(dict(cfg.get(key) or {})))
+    if quant:
+        base['quantizer'] = quant
+    leaf = cfg.get('dfq') or {}
+    leaf = copy.deepcopy(leaf.to_dict() if isinstance(leaf, ConfigDict)
+                         else dict(leaf))
+    for name in ('synthesizer', 'adapter'):
+        new = _type_name(leaf.get(name))
+        if new is not None and isinstance(base.get(name), dict) and \
+                new != _type_name(base[name]):
+            base[name] = _switched(name, leaf[name]['type'], base[name])
+    merged = Config._merge_a_into_b(leaf, base)
+    cfg.dfq = _strip_delete(
+        {k: (v.to_dict() if isinstance(v, ConfigDict) else v)
+         for k, v in merged.items()})
+    test_cfg = cfg.get('test_cfg')
+    if test_cfg is None or test_cfg.get('type') in ('TestLoop',
+                                                     'mmengine.TestLoop'):
+        cfg.test_cfg = dict(test_cfg or {}, type=DFQ_LOOP)
+    return cfg

@@ -16,6 +16,7 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 
 from ..demo import ensure_demo_data
+from .dfq_config import assemble_dfq
 
 TASKS = {'mmdet': 'det', 'mmseg': 'seg'}
 
@@ -126,6 +127,8 @@ def load_config(path, cfg_options=None):
         raise DFQInputError(
             f'cannot read config {where}: {type(err).__name__}: '
             f'{reason}') from None
+    # dfq from the configs/_base_ fragments (and the DFQ test loop)
+    assemble_dfq(cfg)
     if cfg_options:
         old_type = _synth_type(cfg)
         try:

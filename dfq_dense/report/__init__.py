@@ -1,5 +1,5 @@
-"""Result tables: run demo cells through tools/dfq_test.py and write
-markdown tables into the README."""
+"""Result tables: run demo cells (dfq_dense.engine.api.run_dfq, what
+tools/dfq_test.py does) and write markdown tables into the README."""
 from .tables import (fmt_metric, grid_markdown, load_fragment,
                      replace_readme_section, run_cell)
 

@@ -2,7 +2,6 @@
 """
 import json
 import os.path as osp
-import sys
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -17,19 +16,12 @@ def load_fragment(kind, name, var):
 
 
 def run_cell(config, work_dir, options, eval_fp=False):
-    """One ``tools/dfq_test.py`` run in this process with ``options`` (a
+    """One DFQ run (:func:`dfq_dense.engine.api.run_dfq`, what
+    ``tools/dfq_test.py`` does) in this process with ``options`` (a
     ``--cfg-options`` dict whose values may be dicts); returns its
     ``dfq_results.json``."""
-    tools = osp.join(ROOT, 'tools')
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    import dfq_test
-    argv = [config, '--work-dir', work_dir]
-    if eval_fp:
-        argv.append('--eval-fp')
-    args = dfq_test.parse_args(argv)
-    args.cfg_options = options
-    dfq_test.run(args)
+    from ..engine.api import run_dfq
+    run_dfq(config, work_dir=work_dir, cfg_options=options, eval_fp=eval_fp)
     with open(osp.join(work_dir, 'dfq_results.json')) as f:
         return json.load(f)
 
