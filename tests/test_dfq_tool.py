@@ -202,15 +202,19 @@ def test_teacher_student_method_end_to_end(tmp_path, demo_data_root):
     rebuilds the same model."""
     demo = osp.join(REPO, 'configs/demo/upernet_swin_demo_w8a8.py')
     synth = dict(_delete_=True, type='PSAQViTV2', num_images=2, batch_size=2,
-                 iterations=2, rounds=1, sample_iters=2, max_samples=2000,
-                 student_step=dict(iters=2, batch_size=2, lr=1e-4), seed=0)
+                 iterations=2, max_samples=2000, seed=0)
+    adapter = dict(_delete_=True, type='PSAQViTV2Rounds', batch_size=2,
+                   rounds=1, sample_iters=2, max_samples=2000,
+                   student_step=dict(iters=2, batch_size=2, lr=1e-4), seed=0)
     opts = {'test_dataloader.dataset.indices': 8, 'dfq.synthesizer': synth,
+            'dfq.adapter': adapter,
             'dfq.quantizer.w_bits': 4, 'dfq.quantizer.a_bits': 4}
     first = tmp_path / 'first'
     args = dfq_test.parse_args([demo, '--work-dir', str(first)])
     args.cfg_options = dict(opts)
     res1 = dfq_test.run(args)
     assert res1['method'] == 'PSAQViTV2'
+    assert res1['adaptation']['adapter']['type'] == 'PSAQViTV2Rounds'
     assert res1['seconds']['adaptation'] > 0
     # how much the student step moved the 4-bit weight codes is reported
     assert 0 < res1['adaptation']['weight_codes_changed'] < 1
@@ -261,19 +265,20 @@ def _user_config(tmp_path, body):
     return str(cfg)
 
 
-@pytest.mark.parametrize('method,component', [
-    ('SPDFQ', 'no_such_part'), ('MimiQ', 'attention'),
-    ('PSAQViTV2', 'labels')])
-def test_unknown_component_fails_before_work(tmp_path, capsys, method,
+@pytest.mark.parametrize('where,method,component', [
+    ('synthesizer', 'SPDFQ', 'no_such_part'),
+    ('synthesizer', 'MimiQ', 'attention'),
+    ('adapter', 'PSAQViTV2Rounds', 'labels')])
+def test_unknown_component_fails_before_work(tmp_path, capsys, where, method,
                                              component, demo_data_root):
     cfg = _user_config(
-        tmp_path, f"dfq = dict(synthesizer=dict(_delete_=True, "
+        tmp_path, f"dfq = dict({where}=dict(_delete_=True, "
         f"type='{method}', components=dict({component}=True)))\n")
     work = tmp_path / 'work'
     code = dfq_test.main([cfg, '--work-dir', str(work)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1].startswith(f'dfq_test: error: dfq.synthesizer {method}')
+    assert err[-1].startswith(f'dfq_test: error: dfq.{where} {method}')
     assert 'unknown component' in err[-1] and repr(component) in err[-1]
     assert not (work / 'synthetic').exists()
 
@@ -299,14 +304,16 @@ def test_same_seed_same_images_and_metrics(tmp_path, demo_data_root):
     import torch
     demo = osp.join(REPO, 'configs/demo/upernet_swin_demo_w8a8.py')
     synth = dict(_delete_=True, type='MimiQ', num_images=2, batch_size=2,
-                 iterations=3, seed=3,
-                 student_step=dict(optimizer='adam', lr=1e-4, iters=2,
-                                   batch_size=2))
+                 iterations=3, seed=3)
+    adapter = dict(_delete_=True, type='MimiQDistill', seed=3,
+                   student_step=dict(optimizer='adam', lr=1e-4, iters=2,
+                                     batch_size=2))
     out = []
     for run in ('a', 'b'):
         args = dfq_test.parse_args([demo, '--work-dir', str(tmp_path / run)])
         args.cfg_options = {'test_dataloader.dataset.indices': 8,
                             'dfq.synthesizer': dict(synth),
+                            'dfq.adapter': dict(adapter),
                             'dfq.quantizer.a_bits': 4}
         res = dfq_test.run(args)
         images = torch.load(

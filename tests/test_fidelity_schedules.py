@@ -222,7 +222,7 @@ def test_mimiq_optimizer_param_groups(tiny_model, monkeypatch):
     monkeypatch.setattr(torch.optim, 'AdamW', RecordingAdamW)
     s = build(MODELS, dict(type='MimiQ', num_images=1, batch_size=1,
                            img_size=28, iterations=3, progress=False,
-                           log_interval=1, components=dict(distill=False)))
+                           log_interval=1))
     s.generate(tiny_model)
     assert len(made) == 1
     opt = made[0]

@@ -1,4 +1,5 @@
-"""Tests of MimiQ (losses, q k^T recorder, synthesizer) and RealImages."""
+"""Tests of MimiQ (losses, q k^T recorder, synthesizer, its distillation
+adapter) and RealImages."""
 import copy
 import itertools
 import math
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from dfq_dense.registry import MODELS, build
+from dfq_dense.adapt import MimiQDistill, headwise_structure_loss
+from dfq_dense.registry import ADAPTERS, MODELS, build
 from dfq_dense.synth import (AttnLogitsRecorder, MimiQ, RealImages,
-                             headwise_structure_loss, inter_head_similarity,
+                             inter_head_similarity,
                              inter_head_similarity_loss, ssim_maps,
                              total_variation, valid_range)
 from dfq_dense.synth.hooks import find_shift_window_msa
@@ -336,8 +338,8 @@ def test_mimiq_build_deterministic(tiny_model):
     s = _mimiq()
     assert isinstance(s, MimiQ)
     assert s.components == dict(head_similarity=True, pseudo_label=True,
-                                tv=True, distill=True)
-    assert s.teacher_student
+                                tv=True)
+    assert not hasattr(s, 'adapt')  # the distillation is MimiQDistill
     x = s.generate(tiny_model)
     assert x.shape == (2, 3, 36, 44) and torch.isfinite(x).all()
     lo, hi = valid_range(torch.tensor(MEAN), torch.tensor(STD))
@@ -376,7 +378,10 @@ def test_mimiq_components_and_check_model(tiny_model):
         _mimiq(components=dict(head_similarity=False, pseudo_label=False,
                                tv=False))
     assert _mimiq(components=['tv', 'pseudo_label']).components == dict(
-        head_similarity=False, pseudo_label=True, tv=True, distill=False)
+        head_similarity=False, pseudo_label=True, tv=True)
+    # the distillation is not a synthesis component any more
+    with pytest.raises(ValueError, match="unknown component 'distill'"):
+        _mimiq(components=dict(distill=False))
     with pytest.raises(ValueError, match='known components'):
         _mimiq(components=['head_sim'])
     s = _mimiq()
@@ -521,14 +526,18 @@ def test_real_images_errors(image_dir, tmp_path):
 
 
 def test_mimiq_distillation_adapts_the_student(tiny_model):
-    """The `distill` component: head-wise structural distillation of the
-    calibrated student (through the fake quantizers) lowers its loss."""
+    """MimiQDistill: head-wise structural distillation of the calibrated
+    student (through the fake quantizers) lowers its loss."""
     import copy
 
     from dfq_dense.quant import (enable_calibration, finish_calibration,
                                  quantize_model)
-    synth = _mimiq(iterations=2, student_step=dict(
-        optimizer='adam', lr=1e-3, iters=6, batch_size=2, log_interval=1))
+    synth = _mimiq(iterations=2)
+    adapter = build(ADAPTERS, dict(type='MimiQDistill', student_step=dict(
+        optimizer='adam', lr=1e-3, iters=6, batch_size=2, log_interval=1)))
+    assert isinstance(adapter, MimiQDistill)
+    assert adapter.student_step.loss == 'mimiq'
+    adapter.check_model(tiny_model)
     images = synth.generate(tiny_model)
     teacher = copy.deepcopy(tiny_model)
     student = copy.deepcopy(tiny_model)
@@ -538,14 +547,18 @@ def test_mimiq_distillation_adapts_the_student(tiny_model):
         student.backbone(images)
     finish_calibration(student)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    out = synth.adapt(teacher, student, images)
+    out = adapter.run(teacher, student, images)
     assert torch.equal(out, images)
-    hist = synth.student_step.history
+    hist = adapter.student_step.history
     assert len(hist) == 6 and hist[-1]['loss'] < hist[0]['loss']
+    assert adapter.history == hist
     changed = [k for k, v in student.state_dict().items()
                if not torch.equal(v, before[k])]
     assert any(k.endswith('module.weight') for k in changed)
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, tiny_model.state_dict()[k])
-    off = _mimiq(iterations=1, components=dict(distill=False))
-    assert not off.teacher_student
+    # MimiQ's QAT defaults (SGD Nesterov, lr 1e-6, weight decay 1e-4)
+    step = MimiQDistill(seed=3).student_step
+    assert (step.optimizer, step.lr, step.momentum, step.nesterov,
+            step.weight_decay, step.iters, step.seed) == \
+        ('sgd', 1e-6, 0.9, True, 1e-4, 50, 3)

@@ -1,5 +1,6 @@
 """Tests of the teacher-student pieces: feature discrepancy, StudentStep and
-PSAQ-ViT V2 (adapt loop)."""
+PSAQ-ViT V2 (its V1 synthesis and its rounds, the PSAQViTV2Rounds
+adapter)."""
 import copy
 import math
 
@@ -10,11 +11,12 @@ from torch import nn
 
 from dfq_dense.quant import (enable_calibration, finish_calibration,
                              iter_quantizers, quantize_model)
-from dfq_dense.registry import MODELS, build
-from dfq_dense.synth import (PSAQViT, PSAQViTV2, StudentStep,
+from dfq_dense.adapt import (BaseAdapter, PSAQViTV2Rounds, StudentStep,
                              extract_features, feature_discrepancy,
-                             mean_discrepancy, valid_range)
-from dfq_dense.synth.distill import trainable_scales
+                             mean_discrepancy)
+from dfq_dense.adapt.student_step import trainable_scales
+from dfq_dense.registry import ADAPTERS, MODELS, build
+from dfq_dense.synth import PSAQViT, PSAQViTV2, valid_range
 
 from tiny_models import MEAN, STD, TinyModel
 
@@ -274,30 +276,37 @@ def test_student_step_with_neck(images):
 
 
 # ----------------------------------------------------------------- PSAQ-ViT V2
-def _v2(**kw):
-    cfg = dict(type='PSAQViTV2', num_images=2, batch_size=2, img_size=56,
-               iterations=2, rounds=2, sample_iters=3, seed=5,
-               progress=False, log_interval=1,
+def _v2(seed=5, **kw):
+    """PSAQ-ViT V2: its V1 synthesis (dfq.synthesizer) and its rounds
+    (dfq.adapter, with ``kw``)."""
+    synth = build(MODELS, dict(type='PSAQViTV2', num_images=2, batch_size=2,
+                               img_size=56, iterations=2, seed=seed,
+                               progress=False, log_interval=1))
+    cfg = dict(type='PSAQViTV2Rounds', batch_size=2, rounds=2,
+               sample_iters=3, seed=seed, progress=False, log_interval=1,
                student_step=dict(lr=3e-4, iters=4, batch_size=2))
     cfg.update(kw)
-    return build(MODELS, cfg)
+    return synth, build(ADAPTERS, cfg)
 
 
-def _run_v2(base, synth, calibrate=None):
+def _run_v2(base, v2, calibrate=None):
+    synth, adapter = v2
     teacher = copy.deepcopy(base)
     x0 = synth.generate(teacher)
     student = _student(teacher, x0)
     before = copy.deepcopy(student)
-    x1 = synth.adapt(teacher, student, x0.clone(), calibrate=calibrate)
+    x1 = adapter.run(teacher, student, x0.clone(), calibrate=calibrate)
     return teacher, student, before, x0, x1
 
 
 def test_psaq_v2_adapt_reduces_discrepancy_and_is_deterministic(teacher):
-    synth = _v2()
+    synth, adapter = v2 = _v2()
     assert isinstance(synth, PSAQViTV2) and isinstance(synth, PSAQViT)
-    assert synth.teacher_student is True
-    assert not getattr(PSAQViT, 'teacher_student', False)
-    t, student, before, x0, x1 = _run_v2(teacher, synth)
+    assert isinstance(adapter, PSAQViTV2Rounds) and \
+        isinstance(adapter, BaseAdapter)
+    # the synthesizer makes images only; the adapter changes the student
+    assert not hasattr(synth, 'adapt') and not hasattr(PSAQViT, 'adapt')
+    t, student, before, x0, x1 = _run_v2(teacher, v2)
     assert x1.shape == x0.shape == (2, 3, 56, 56) and x1.device.type == 'cpu'
     assert not torch.equal(x0, x1)
     lo, hi = valid_range(torch.tensor(MEAN), torch.tensor(STD))
@@ -311,20 +320,20 @@ def test_psaq_v2_adapt_reduces_discrepancy_and_is_deterministic(teacher):
     assert all(p.requires_grad for p in student.parameters())
     assert all(q.state == 'quantizing' and not q.scale.requires_grad
                for _, q in iter_quantizers(student))
-    # generate()'s V1 entries (no phase) then adapt()'s
-    phases = {h.get('phase') for h in synth.history}
-    assert phases == {None, 'sample', 'student', 'round'}
-    rounds = [h for h in synth.history if h.get('phase') == 'round']
+    # generate()'s V1 entries (no phase), the adapter's rounds
+    assert {h.get('phase') for h in synth.history} == {None}
+    phases = {h.get('phase') for h in adapter.history}
+    assert phases == {'sample', 'student', 'round'}
+    rounds = [h for h in adapter.history if h.get('phase') == 'round']
     assert len(rounds) == 2
     assert all(r['disc_end'] < r['disc_after_sample'] for r in rounds)
-    sample = [h for h in synth.history if h.get('phase') == 'sample']
+    sample = [h for h in adapter.history if h.get('phase') == 'sample']
     assert len(sample) == 2 * 3 and all(
         h['loss_entropy'] != 0 and h['loss_disc'] > 0 and h['loss_tv'] > 0
         for h in sample)
 
     # same seed, fresh copies: identical images and student
-    synth2 = _v2()
-    _, student2, _, x0b, x1b = _run_v2(teacher, synth2)
+    _, student2, _, x0b, x1b = _run_v2(teacher, _v2())
     assert torch.equal(x0, x0b) and torch.equal(x1, x1b)
     for (n, p), q in zip(student.state_dict().items(),
                          student2.state_dict().values()):
@@ -335,9 +344,9 @@ def test_psaq_v2_adapt_reduces_discrepancy_and_is_deterministic(teacher):
 
 
 def test_psaq_v2_sample_step_raises_discrepancy(teacher):
-    synth = _v2(rounds=1, sample_iters=5,
-                components=dict(entropy=False, student_step=False, tv=False))
-    t, student, before, x0, x1 = _run_v2(teacher, synth)
+    v2 = _v2(rounds=1, sample_iters=5,
+             components=dict(entropy=False, student_step=False, tv=False))
+    t, student, before, x0, x1 = _run_v2(teacher, v2)
     assert mean_discrepancy(t, student, x1) > \
         1.1 * mean_discrepancy(t, student, x0)
     # the student was not touched
@@ -345,15 +354,15 @@ def test_psaq_v2_sample_step_raises_discrepancy(teacher):
                          before.state_dict().values()):
         assert torch.equal(p, q), n
     assert all(h['loss_entropy'] == 0 and h['loss_tv'] == 0
-               for h in synth.history if h.get('phase') == 'sample')
+               for h in v2[1].history if h.get('phase') == 'sample')
 
 
 def test_psaq_v2_selection_and_recalibrate(teacher):
     calls = []
-    synth = _v2(rounds=2, sample_iters=2, images_per_round=1,
-                selection='hard', recalibrate=True,
-                components=['discrepancy', 'student_step'],
-                student_step=dict(iters=1, batch_size=2, lr=1e-4))
+    synth, adapter = _v2(rounds=2, sample_iters=2, images_per_round=1,
+                         selection='hard', recalibrate=True,
+                         components=['discrepancy', 'student_step'],
+                         student_step=dict(iters=1, batch_size=2, lr=1e-4))
     tt = copy.deepcopy(teacher)
     x0 = synth.generate(tt)
     student = _student(tt, x0)
@@ -370,18 +379,18 @@ def test_psaq_v2_selection_and_recalibrate(teacher):
         def add_scalars(self, scalars, step):
             self.scalars.append((dict(scalars), step))
 
-    synth.visualizer = Vis()
+    adapter.visualizer = Vis()
     # one round only to check which image moved
-    synth.rounds = 1
-    x1 = synth.adapt(tt, student, x0, calibrate=calibrate)
+    adapter.rounds = 1
+    x1 = adapter.run(tt, student, x0, calibrate=calibrate)
     keys = set().union(*(k for k, _ in Vis.scalars))
     assert {'adapt/sample_loss_disc', 'adapt/student_loss_feature',
             'adapt/disc_end'} <= keys
     moved = [i for i in range(2) if not torch.equal(x0[i], x1[i])]
     assert moved == [hardest]
     assert len(calls) == 1 and torch.equal(calls[0], x1)
-    synth.recalibrate = False
-    synth.adapt(tt, student, x1, calibrate=calibrate)
+    adapter.recalibrate = False
+    adapter.run(tt, student, x1, calibrate=calibrate)
     assert len(calls) == 1
 
 
@@ -395,10 +404,14 @@ def test_psaq_v2_components_and_check_model(teacher):
         _v2(selection='worst')
     with pytest.raises(ValueError, match='params'):
         _v2(student_step=dict(params='bias'))
-    synth = _v2(components=dict(tv=False, entropy=False))
-    assert synth.components == dict(entropy=False, discrepancy=True,
-                                    student_step=True, tv=False)
+    synth, adapter = _v2(components=dict(tv=False, entropy=False))
+    assert adapter.components == dict(entropy=False, discrepancy=True,
+                                      student_step=True, tv=False)
     synth.check_model(teacher)
+    adapter.check_model(teacher)
+    # the entropy of the sample step hooks Swin attention too
+    with_entropy = _v2()[1]
+    with_entropy.check_model(teacher)
 
     class Conv(nn.Module):
 
@@ -406,7 +419,8 @@ def test_psaq_v2_components_and_check_model(teacher):
             super().__init__()
             self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3))
 
-    with pytest.raises(ValueError, match='Swin'):
-        synth.check_model(Conv())
-    with pytest.raises(ValueError, match='backbone'):
-        synth.check_model(nn.Linear(2, 2))
+    for checked in (synth, with_entropy):
+        with pytest.raises(ValueError, match='Swin'):
+            checked.check_model(Conv())
+        with pytest.raises(ValueError, match='backbone'):
+            checked.check_model(nn.Linear(2, 2))

@@ -9,8 +9,9 @@ import torch
 
 from dfq_dense.quant import (enable_calibration, finish_calibration,
                              quantize_model)
-from dfq_dense.registry import MODELS, build
-from dfq_dense.synth import extract_features, valid_range
+from dfq_dense.adapt import extract_features
+from dfq_dense.registry import ADAPTERS, MODELS, build
+from dfq_dense.synth import valid_range
 from dfq_dense.synth.hooks import AttnOutputRecorder
 
 from tiny_models import MEAN, STD, TinyModel
@@ -57,19 +58,29 @@ def teacher():
 
 
 def _synth(seed, **kw):
-    cfg = dict(type='PSAQViTV2', num_images=4, batch_size=4, img_size=56,
-               iterations=10, rounds=1, seed=seed, progress=False,
-               log_interval=100, components=dict(student_step=False))
+    """PSAQ-ViT V2's rounds (one, without student step), ``kw`` given."""
+    cfg = dict(type='PSAQViTV2Rounds', batch_size=4, rounds=1, seed=seed,
+               progress=False, log_interval=100,
+               components=dict(student_step=False))
     cfg.update(kw)
-    return build(MODELS, cfg)
+    return build(ADAPTERS, cfg)
 
 
 def _sample_step(teacher, seed, **kw):
-    """V1 images, a student calibrated on them, one sample step."""
+    """V1 images, a student calibrated on them, one sample step (``kw``
+    the V1 synthesis takes too, e.g. ``entropy_weight``, go to both, as
+    when both were one synthesizer)."""
+    from dfq_dense.engine.dfq_config import synthesizer_keys
+    from dfq_dense.synth import PSAQViTV2
+    shared = {k: v for k, v in kw.items()
+              if k in synthesizer_keys(PSAQViTV2)}
+    v1 = build(MODELS, dict(type='PSAQViTV2', num_images=4, batch_size=4,
+                            img_size=56, iterations=10, seed=seed,
+                            progress=False, log_interval=100, **shared))
     synth = _synth(seed, **kw)
-    x0 = synth.generate(teacher)
+    x0 = v1.generate(teacher)
     student = _student(teacher, x0)
-    x1 = synth.adapt(teacher, student, x0.clone())
+    x1 = synth.run(teacher, student, x0.clone())
     rnd = [h for h in synth.history if h.get('phase') == 'round']
     assert len(rnd) == 1
     return synth, student, x0, x1, rnd[0]

@@ -18,9 +18,11 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(ROOT, 'tools'))
 
 SYNTH = dict(_delete_=True, type='PSAQViTV2', num_images=8, batch_size=8,
-             synth_rounds=2, iterations=50, rounds=2, sample_iters=20,
-             student_step=dict(params='weights', optimizer='adam', lr=1e-4,
-                               iters=20, batch_size=4), seed=0)
+             synth_rounds=2, iterations=50, seed=0)
+ADAPTER = dict(_delete_=True, type='PSAQViTV2Rounds', batch_size=8, rounds=2,
+               sample_iters=20,
+               student_step=dict(params='weights', optimizer='adam', lr=1e-4,
+                                 iters=20, batch_size=4), seed=0)
 
 
 def main(argv=None):
@@ -33,7 +35,7 @@ def main(argv=None):
         osp.join(ROOT, 'configs/demo/upernet_swin_demo_w8a8.py'),
         '--work-dir', args.work_dir])
     run.cfg_options = {'test_dataloader.dataset.indices': 4,
-                       'dfq.synthesizer': SYNTH,
+                       'dfq.synthesizer': SYNTH, 'dfq.adapter': ADAPTER,
                        'dfq.quantizer.w_bits': 4, 'dfq.quantizer.a_bits': 4}
     res = dfq_test.run(run)
     print(json.dumps(res['adaptation'], indent=1))

@@ -38,20 +38,27 @@ METHODS = {
     'real': ('real images (demo train)', dict(
         type='RealImages', num_images=8, batch_size=8, seed=0)),
     'psaq': ('PSAQ-ViT', dict(type='PSAQViT', **_V1)),
-    'psaq_v2': ('PSAQ-ViT V2', dict(
-        type='PSAQViTV2', rounds=2, sample_iters=20,
-        student_step=dict(params='weights', optimizer='adam', lr=1e-4,
-                          iters=20, batch_size=4), **_V1)),
+    'psaq_v2': ('PSAQ-ViT V2', dict(type='PSAQViTV2', **_V1)),
     'mimiq': ('MimiQ', dict(
-        type='MimiQ', num_images=8, batch_size=8, iterations=100, seed=0,
-        student_step=dict(optimizer='adam', lr=1e-4, iters=20,
-                          batch_size=4))),
+        type='MimiQ', num_images=8, batch_size=8, iterations=100, seed=0)),
     # Crops optimised at half the input size: up to 4 (2.5 on average, the
     # paper's m ~ U{1..4}) full-size crops per image would make SPDFQ about
     # 3.5x the cost of the other methods on 2 CPU cores.  MimiQ and SPDFQ
     # keep their (published) defaults otherwise.
     'spdfq': ('SPDFQ', dict(type='SPDFQ', num_images=8, batch_size=8,
                             iterations=100, crop_size=(96, 96), seed=0)),
+}
+# What changes the calibrated student (dfq.adapter), per method; the others
+# run without adapter.  Short adaptation at the demo scale.
+ADAPTATION = {
+    'psaq_v2': dict(
+        type='PSAQViTV2Rounds', batch_size=8, rounds=2, sample_iters=20,
+        student_step=dict(params='weights', optimizer='adam', lr=1e-4,
+                          iters=20, batch_size=4), seed=0),
+    'mimiq': dict(
+        type='MimiQDistill', seed=0,
+        student_step=dict(optimizer='adam', lr=1e-4, iters=20,
+                          batch_size=4)),
 }
 # Methods whose images depend on the bits only through adaptation: their
 # images come from (method's own first cell | another method).
@@ -114,6 +121,8 @@ def main(argv=None):
                 options = {
                     'dfq.synthesizer': dict(METHODS[method][1],
                                             _delete_=True),
+                    'dfq.adapter': dict(ADAPTATION[method], _delete_=True)
+                    if method in ADAPTATION else None,
                     'dfq.quantizer': dict(
                         setting, _delete_=True,
                         **load_fragment('bits', bits, 'dfq_bits')),

@@ -20,6 +20,7 @@ from torch import nn
 from ..quant.modules import clear_quant_caches
 from ..quant.quantizer import Quantizer
 from ..registry import ADAPTERS
+from .base import BaseAdapter
 
 __all__ = ['BlockReconstruction', 'reconstruction_units', 'learnable_scales',
            'RECON_PARAMS', 'RECON_INPUTS', 'RECON_LOSSES']
@@ -198,7 +199,7 @@ def _chunk(acts: Acts, i: int, j: int, device) -> Acts:
 # the adapter
 # --------------------------------------------------------------------------
 @ADAPTERS.register_module()
-class BlockReconstruction:
+class BlockReconstruction(BaseAdapter):
     """BRECQ-style block-wise reconstruction of the quantized student.
 
     Walk: the Swin backbone in forward order, as *units*:

@@ -1,10 +1,13 @@
-"""DFQTestLoop: synthesize -> quantize -> calibrate -> the standard test.
+"""DFQTestLoop: synthesize -> quantize -> calibrate -> (adapt) -> the
+standard test.
 
 Replaces mmengine's TestLoop (``test_cfg = dict(type='dfq_dense.DFQTestLoop')``),
 in the spirit of mmrazor's PTQLoop.  ``Runner.test`` loads the checkpoint
 before ``loop.run()``, so the loop always starts from the FP weights; after
-calibration the unchanged TestLoop.run evaluates the quantized model with the
-config's own metric (CocoMetric, IoUMetric).
+calibration (and, with ``dfq.adapter``, the adapter's changes to the
+calibrated student against an FP copy of the model) the unchanged
+TestLoop.run evaluates the quantized model with the config's own metric
+(CocoMetric, IoUMetric).
 """
 import copy
 import glob
@@ -34,7 +37,7 @@ from ..quant.io import (QuantParamsError, load_quant_params,
                         snapshot_state)
 from ..quant.observers import calibration_step
 from ..quant.spec import SETTING_KEYS
-from ..registry import LOOPS, MODELS, build
+from ..registry import ADAPTERS, LOOPS, MODELS, build
 from ..synth.base import SynthesisError, load_images, save_images
 from ..utils.fileio import torch_save_atomic
 from .dfq_config import DFQConfigError, parse_dfq_config, plain
@@ -191,6 +194,9 @@ class DFQTestLoop(TestLoop):
             self._check_quant_params_cfg(self.dfq.load_quantized)
         self.synth_cfg = self._synthesizer_cfg()
         self.synthesizer = None
+        # The (adapt) stage: what changes the calibrated student after the
+        # calibration (dfq.adapter; None: nothing).
+        self.adapter = None
         if not self.dfq.load_quantized:
             try:
                 self.synthesizer = build(MODELS, self.synth_cfg)
@@ -199,15 +205,23 @@ class DFQTestLoop(TestLoop):
                     # Too small an img_size for the backbone: one line.
                     from .model_checks import check_image_size
                     check_image_size(self._model, self.synth_cfg['img_size'])
+                    # e.g. real images: the folder exists and holds enough
+                    self.synthesizer.prepare()
                 # Loss terms also go to the config's visualizer backends.
                 self.synthesizer.visualizer = runner.visualizer
-                if not self.dfq.load_images and \
-                        hasattr(self.synthesizer, 'select_files'):
-                    self.synthesizer.select_files()  # real images exist?
             except (ValueError, TypeError, FileNotFoundError) as err:
                 raise DFQConfigError(
                     f'dfq.synthesizer {self.synth_cfg["type"]}: {err}') \
                     from None
+            if self.dfq.adapter is not None:
+                try:
+                    self.adapter = build(ADAPTERS, self.dfq.adapter)
+                    self.adapter.check_model(self._model)
+                except (ValueError, TypeError) as err:
+                    raise DFQConfigError(
+                        f'dfq.adapter {self.dfq.adapter["type"]}: {err}') \
+                        from None
+                self.adapter.visualizer = runner.visualizer
 
     @property
     def _model(self):
@@ -225,10 +239,9 @@ class DFQTestLoop(TestLoop):
         if self.dfq.load_quantized:
             self._load_quantized(model)
         else:
-            # Teacher-student methods need the FP model beside the student.
+            # An adapter needs the FP model beside the student.
             teacher = copy.deepcopy(model).eval() \
-                if getattr(self.synthesizer, 'teacher_student', False) \
-                else None
+                if self.adapter is not None else None
             start = time.time()
             images = self._get_images(teacher or model)
             self.report['synthesis_seconds'] = time.time() - start
@@ -244,17 +257,18 @@ class DFQTestLoop(TestLoop):
                 codes = weight_codes(model)
                 adapted = self._adapt(teacher, model, images, bool(folded))
                 self.report['adapt_seconds'] = time.time() - start
-                # How much the student step moved the quantized model.
+                # How much the adapter moved the quantized model.
                 self.report['adaptation'] = dict(
+                    adapter=plain(self.dfq.adapter),
                     weight_codes_changed=codes_changed(
                         codes, weight_codes(model)),
                     images_changed=not torch.equal(adapted, images),
-                    # per round, what the method logged of its
+                    # per round, what the adapter logged of its
                     # teacher-student discrepancy (PSAQ-ViT V2: before and
                     # after its sample step)
                     rounds=[{k: v for k, v in h.items()
                              if k == 'round' or k.startswith('disc_')}
-                            for h in getattr(self.synthesizer, 'history', [])
+                            for h in self.adapter.history
                             if h.get('phase') == 'round'])
                 del codes
                 del teacher
@@ -341,7 +355,7 @@ class DFQTestLoop(TestLoop):
         return None
 
     def _adapt(self, teacher, model, images, reparameterized):
-        """Let a teacher-student method adapt the calibrated student.
+        """Let the adapter adapt the calibrated student.
 
         Every rank runs it on the same images and seed (re-calibration
         inside is collective); rank 0's result is then broadcast so that the
@@ -352,8 +366,8 @@ class DFQTestLoop(TestLoop):
         """
         calibrate = None if reparameterized else \
             (lambda imgs: self._calibrate(model, imgs))
-        images = self.synthesizer.adapt(teacher, model, images,
-                                        calibrate=calibrate)
+        images = self.adapter.run(teacher, model, images,
+                                  calibrate=calibrate)
         if is_distributed():
             for tensor in list(model.state_dict().values()):
                 broadcast(tensor, src=0)
@@ -412,7 +426,7 @@ class DFQTestLoop(TestLoop):
             saved = load_images(source)
             images = saved['images']
             made_by = saved['meta'].get('synthesizer', synth_cfg)
-            if getattr(self.synthesizer, 'teacher_student', False):
+            if self.adapter is not None:
                 # The method still adapts: report it, with its start images.
                 self.report['initial_images_synthesizer'] = plain(made_by)
             else:

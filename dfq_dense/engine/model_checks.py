@@ -3,8 +3,9 @@
 :func:`check_model_inputs` builds the config's model once (like mmengine's
 Runner, on the CPU) and checks, each failure one line:
 
-* that the data source can serve the model (``check_model`` of the
-  synthesizer, e.g. attention hooks need a Swin backbone);
+* that the data source and the adapter can serve the model
+  (``check_model`` of the synthesizer and of ``dfq.adapter``, e.g.
+  attention hooks need a Swin backbone);
 * that the synthetic image size is not too small for the backbone
   (:func:`check_image_size`);
 * that the checkpoint fits the model, strictly
@@ -196,6 +197,13 @@ def check_model_inputs(cfg, dfq, checkpoint, images=None):
         except (ValueError, TypeError, AssertionError) as err:
             raise DFQConfigError(
                 f'dfq.synthesizer {synth["type"]}: {err}') from None
+        if dfq.get('adapter') is not None:
+            from ..registry import ADAPTERS
+            try:
+                build(ADAPTERS, dfq.adapter).check_model(model)
+            except (ValueError, TypeError) as err:
+                raise DFQConfigError(
+                    f'dfq.adapter {dfq.adapter["type"]}: {err}') from None
         size = tuple(images.shape[-2:]) if images is not None else \
             synth['img_size']
         try:

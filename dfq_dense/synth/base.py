@@ -254,6 +254,40 @@ TAU_PER = ('run', 'iteration')
 TV_ON = ('augmented', 'raw')
 
 
+def jitter_per_round(name: str, jitter) -> Tuple[int, ...]:
+    """The maximal roll (pixels) of every round from ``jitter``: an int
+    (one round's worth, repeated) or one per round; ValueError (prefixed
+    with ``name``) unless they are integers >= 0."""
+    values = [jitter] if isinstance(jitter, (int, float)) else list(jitter)
+    if len(values) == 0 or any(int(v) != v or v < 0 for v in values):
+        raise ValueError(f'{name}: jitter must be an integer >= 0 or one '
+                         f'per round, got {jitter!r}')
+    return tuple(int(v) for v in values)
+
+
+def progress_bar(desc: str, total: int, enabled: bool = True):
+    """A tqdm bar (mmengine's ProgressBar without tqdm) of ``total``
+    steps, or None when not ``enabled``."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, dynamic_ncols=True)
+    except ImportError:  # pragma: no cover
+        from mmengine.utils import ProgressBar
+        return ProgressBar(total)
+
+
+def bar_update(bar) -> None:
+    """One step of a bar of :func:`progress_bar` (None: nothing)."""
+    if bar is None:
+        return
+    if hasattr(bar, 'update') and not hasattr(bar, 'task_num'):
+        bar.update(1)  # tqdm
+    else:
+        bar.update()  # mmengine ProgressBar
+
+
 class PixelAdamMixin:
     """PSAQ-ViT's pixel-optimisation recipe, reused by SPDFQ.
 
@@ -314,13 +348,7 @@ class PixelAdamMixin:
             raise ValueError(f'{type(self).__name__}: synth_rounds must be '
                              f'>= 1, got {synth_rounds}')
         self.synth_rounds = int(synth_rounds)
-        values = [jitter] if isinstance(jitter, (int, float)) \
-            else list(jitter)
-        if len(values) == 0 or any(int(v) != v or v < 0 for v in values):
-            raise ValueError(f'{type(self).__name__}: jitter must be an '
-                             'integer >= 0 or one per round, got '
-                             f'{jitter!r}')
-        self.jitters = tuple(int(v) for v in values)
+        self.jitters = jitter_per_round(type(self).__name__, jitter)
         self.jitter = self.jitters[0]
         for key, value, allowed in (('jitter_shift', jitter_shift,
                                      JITTER_SHIFTS),
@@ -492,6 +520,12 @@ class BaseSynthesizer:
     def check_model(self, model: nn.Module) -> None:
         """Raise ValueError if ``model`` lacks what this method needs."""
         get_backbone(model)
+
+    def prepare(self) -> None:
+        """Check, before any work, that this data source can deliver
+        (raise ValueError / FileNotFoundError if not).  Synthesizers need
+        nothing but the model; a source that reads files checks them here,
+        so that a bad path fails before the checkpoint is even loaded."""
 
     # ---------------------------------------------------------------- utils
     @staticmethod
@@ -668,21 +702,8 @@ class BaseSynthesizer:
         return 1
 
     def _progress_bar(self, total: int):
-        if not self.progress:
-            return None
-        try:
-            from tqdm import tqdm
-            return tqdm(total=total, desc=type(self).__name__,
-                        dynamic_ncols=True)
-        except ImportError:  # pragma: no cover
-            from mmengine.utils import ProgressBar
-            return ProgressBar(total)
+        return progress_bar(type(self).__name__, total, self.progress)
 
     @staticmethod
     def _bar_update(bar):
-        if bar is None:
-            return
-        if hasattr(bar, 'update') and not hasattr(bar, 'task_num'):
-            bar.update(1)  # tqdm
-        else:
-            bar.update()  # mmengine ProgressBar
+        bar_update(bar)

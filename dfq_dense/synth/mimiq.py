@@ -7,12 +7,13 @@ each head (pre-softmax ``q k^T``, min-max normalised and laid out on the
 spatial grid, 7x7 for a Swin window) are compared between every pair of heads
 with SSIM, and ``1 - SSIM^2`` is minimised.  Its QAT part distils the
 teacher's attention output into the student head by head with the structure
-term of SSIM.
+term of SSIM: that changes the student, not the images, and lives in
+:mod:`dfq_dense.adapt.mimiq_distill`.
 
-This module holds the pure losses (:func:`ssim_maps`,
-:func:`inter_head_similarity_loss`, :func:`headwise_structure_loss`) and the
-backbone-level synthesizer :class:`MimiQ` (no task heads: the classifier's
-cross-entropy to random labels is replaced by the
+This module holds the pure synthesis losses (:func:`ssim_maps`,
+:func:`inter_head_similarity_loss`) and the backbone-level synthesizer
+:class:`MimiQ` (no task heads: the classifier's cross-entropy to random
+labels is replaced by the
 :class:`~dfq_dense.synth.feature_targets.RandomProjectionHead` stand-in).
 """
 import math
@@ -22,16 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import MODELS
-from .base import (BaseSynthesizer, clamp_to_range, get_backbone,
-                   parse_components, roll_flip)
-from .distill import StudentStep
+from .base import get_backbone, parse_components, roll_flip
 from .feature_targets import RandomProjectionHead, random_hard_targets
+from .loop import PixelSynthesizer
 from .losses import tv_prior_loss
 from .qk_hooks import AttnLogitsRecorder
 
 __all__ = [
     'ssim_maps', 'inter_head_similarity', 'inter_head_similarity_loss',
-    'headwise_structure_loss', 'MimiQ', 'MIMIQ_TV_REF_PIXELS'
+    'MimiQ', 'MIMIQ_TV_REF_PIXELS', 'SSIM_C1', 'SSIM_C2'
 ]
 
 SSIM_C1 = 0.01**2
@@ -201,96 +201,11 @@ def inter_head_similarity_loss(logits, valid=None, c1: float = SSIM_C1,
     return loss
 
 
-def headwise_structure_loss(t_out, s_out,
-                            num_heads: Union[int, Sequence[int]],
-                            c2: float = SSIM_C2,
-                            valid: Optional[torch.Tensor] = None,
-                            reduction: str = 'mean'):
-    """MimiQ head-wise structural attention distillation loss.
-
-    For every (window, head, channel of the head) the SSIM *structure* term
-    between the teacher's and the student's attention output over the
-    ``N`` tokens of the window::
-
-        s = (2 sigma_ts + c2) / (sigma_t^2 + sigma_s^2 + c2)
-
-    (population variances / covariance over the valid tokens).  This is
-    SSIM's contrast x structure factor (with ``c3 = c2 / 2``): it ignores
-    the channel means (the luminance factor), is at most 1, with equality
-    iff the student's channel equals the teacher's up to a constant shift,
-    and needs no square root (no infinite gradient at zero variance).
-    The loss is ``1 - mean(s)`` over windows, heads and channels.  Each
-    channel belongs to exactly one head, so the mean does not depend on the
-    head split; ``num_heads`` checks the layout and shapes ``reduction=
-    'none'``.  The teacher is not detached here (do it in the caller).
-
-    Args:
-        t_out, s_out: ``attn @ v`` outputs of teacher and student, heads
-            concatenated on the last dim (the input of ``w_msa.proj``):
-            ``(B * nW, N, C)`` or ``(B, nW, N, C)`` (e.g. the ``feat`` of
-            :class:`~dfq_dense.synth.hooks.AttnOutputRecorder` with
-            ``average_heads=False``).  Lists of such tensors (or of recorder
-            records, dicts with ``feat``/``valid``) give the mean over
-            layers.
-        num_heads: heads (an int, or one per layer for lists).
-        valid: ``(..., N)`` bool, False on padding tokens (ignored for
-            records, which carry theirs).
-        reduction: ``'mean'`` (the loss) or ``'none'`` (the structure term
-            ``(..., heads, head_dim)``; tensors only).
-    """
-    if not isinstance(t_out, torch.Tensor):
-        if len(t_out) != len(s_out) or len(t_out) == 0:
-            raise ValueError('headwise_structure_loss: teacher and student '
-                             'need the same, non-zero number of layers')
-        losses = []
-        for k, (t, s) in enumerate(zip(t_out, s_out)):
-            v = valid
-            if isinstance(t, dict):
-                t, v = t['feat'], t.get('valid')
-                s = s['feat'] if isinstance(s, dict) else s
-            elif isinstance(valid, (list, tuple)):
-                v = valid[k]
-            nh = num_heads[k] if isinstance(num_heads,
-                                            (list, tuple)) else num_heads
-            losses.append(headwise_structure_loss(t, s, nh, c2=c2, valid=v))
-        return torch.stack(losses).mean()
-    if reduction not in ('mean', 'none'):
-        raise ValueError(f"reduction must be 'mean' or 'none', got "
-                         f'{reduction!r}')
-    if t_out.shape != s_out.shape:
-        raise ValueError('headwise_structure_loss: teacher '
-                         f'{tuple(t_out.shape)} and student '
-                         f'{tuple(s_out.shape)} differ')
-    C = t_out.shape[-1]
-    h = int(num_heads)
-    if C % h != 0:
-        raise ValueError(f'{C} channels do not split into {h} heads')
-    t = t_out.reshape(*t_out.shape[:-1], h, C // h)  # (..., N, h, d)
-    s = s_out.reshape(*s_out.shape[:-1], h, C // h)
-    t = t if t.dtype == torch.float64 else t.float()
-    s = s.to(t.dtype)
-    if valid is None:
-        w = torch.ones(t.shape[:-2], dtype=t.dtype, device=t.device)
-    else:
-        w = valid.to(device=t.device, dtype=t.dtype).expand(t.shape[:-2])
-    w = w[..., None, None]  # (..., N, 1, 1)
-    n = w.sum(-3, keepdim=True).clamp_min(1.)  # (..., 1, 1, 1)
-    dt = (t - (t * w).sum(-3, keepdim=True) / n) * w
-    ds = (s - (s * w).sum(-3, keepdim=True) / n) * w
-    var_t = (dt * dt).sum(-3) / n[..., 0, :, :]
-    var_s = (ds * ds).sum(-3) / n[..., 0, :, :]
-    cov = (dt * ds).sum(-3) / n[..., 0, :, :]
-    struct = (2 * cov + c2) / (var_t + var_s + c2)  # (..., h, d)
-    if reduction == 'none':
-        return struct
-    return 1. - struct.mean()
-
-
 # --------------------------------------------------------------------------
 # synthesizer
 # --------------------------------------------------------------------------
 @MODELS.register_module()
-class MimiQ(BaseSynthesizer):
+class MimiQ(PixelSynthesizer):
     """MimiQ data-free synthesis at the backbone level of a Swin model.
 
     Per batch: ``x ~ N(0, 1)`` ``(n, 3, H, W)`` (normalised space, clamped to
@@ -303,7 +218,8 @@ class MimiQ(BaseSynthesizer):
       + ce_weight * CE(RandomProjectionHead(backbone(x_aug)), random labels)
       + TV term on the un-augmented x
 
-    then clamps ``x`` to the valid normalised range.  The random labels are
+    then clamps ``x`` to the valid normalised range (the loop of
+    :class:`~dfq_dense.synth.loop.PixelSynthesizer`).  The random labels are
     drawn per batch (uniform over ``num_classes``) and the projection head
     from ``seed``; everything random comes from the CPU generator of
     :meth:`generate` (the per-pixel noise from a device generator seeded from
@@ -326,7 +242,7 @@ class MimiQ(BaseSynthesizer):
     ``tv_weight=0.05``, ``tv_ref_pixels=TAU_REF_PIXELS``, as in PSAQViT).
     ``loss_tv`` is logged weighted, as in PSAQViT.
 
-    Args (beyond :class:`BaseSynthesizer`):
+    Args (beyond :class:`~dfq_dense.synth.base.BaseSynthesizer`):
         lr, min_lr: cosine schedule of AdamW (0.1 -> 1e-3, MimiQ).
         betas, weight_decay: AdamW settings ((0.9, 0.999), PyTorch's
             default betas, and 1e-6, MimiQ's synthesis setting; earlier
@@ -358,20 +274,14 @@ class MimiQ(BaseSynthesizer):
             :func:`inter_head_similarity`): ``'all'`` (H x H with the
             diagonal, as released, default) or ``'distinct'`` (i < j, the
             behaviour of earlier versions).
-        student_step: the distillation after calibration (component
-            ``distill``, on by default), a
-            :class:`~dfq_dense.synth.distill.StudentStep` config: MimiQ's
-            head-wise structural attention distillation (``loss='mimiq'``:
-            10 x (1 - structure term) per head on the attn @ v outputs +
-            the feature discrepancy of the backbone outputs, standing in for
-            MimiQ's KL on class logits), SGD Nesterov (momentum 0.9, lr 1e-6,
-            weight decay 1e-4, MimiQ's QAT settings) on the student's
-            backbone weights through the straight-through fake quantizers.
-            Keys given here override those defaults (e.g. ``iters``,
-            ``lr``).  With ``distill`` off MimiQ is synthesis only.
+
+    MimiQ's distillation of the quantized student (head-wise structural
+    attention distillation) changes the student, not the images: it is the
+    adapter :class:`~dfq_dense.adapt.mimiq_distill.MimiQDistill`
+    (``dfq.adapter``).
     """
 
-    COMPONENTS = ('head_similarity', 'pseudo_label', 'tv', 'distill')
+    COMPONENTS = ('head_similarity', 'pseudo_label', 'tv')
 
     def __init__(self,
                  num_images: int = 16,
@@ -399,7 +309,6 @@ class MimiQ(BaseSynthesizer):
                  ssim_c1: float = SSIM_C1,
                  ssim_c2: float = SSIM_C2,
                  head_pairs: str = 'all',
-                 student_step: Optional[dict] = None,
                  log_interval: int = 50,
                  progress: bool = True,
                  device=None):
@@ -407,11 +316,8 @@ class MimiQ(BaseSynthesizer):
                          img_size=img_size, iterations=iterations, seed=seed,
                          log_interval=log_interval, progress=progress,
                          device=device)
-        # 'distill' changes the student, not the images: alone it leaves
-        # nothing to synthesise with
-        self.components = parse_components(
-            'MimiQ', self.COMPONENTS, components,
-            counted=('head_similarity', 'pseudo_label', 'tv'))
+        self.components = parse_components('MimiQ', self.COMPONENTS,
+                                           components)
         self.lr = float(lr)
         self.min_lr = float(min_lr)
         self.betas = tuple(betas)
@@ -441,26 +347,6 @@ class MimiQ(BaseSynthesizer):
         self.head_pairs = head_pairs
         self.head = RandomProjectionHead(num_classes=num_classes,
                                          logit_scale=logit_scale, seed=seed)
-        self.student_step = StudentStep.build(
-            student_step, loss='mimiq', optimizer='sgd', lr=1e-6,
-            momentum=0.9, nesterov=True, weight_decay=1e-4, iters=50,
-            seed=seed, name='MimiQ.distill')
-
-    @property
-    def teacher_student(self) -> bool:
-        """The DFQ loop hands the calibrated student to :meth:`adapt`."""
-        return self.components['distill']
-
-    def adapt(self, teacher, student, images, calibrate=None):
-        """Head-wise attention distillation of the calibrated ``student``
-        from the FP ``teacher`` on the synthetic ``images`` (in place);
-        returns the images unchanged.  ``calibrate`` is not used: the
-        quantization parameters stay those of the calibration."""
-        if not self.components['distill']:
-            return images
-        self.student_step.visualizer = self.visualizer
-        self.student_step.run(teacher, student, images)
-        return images
 
     def check_model(self, model):
         """MimiQ hooks Swin window attention: fail early without it."""
@@ -513,65 +399,47 @@ class MimiQ(BaseSynthesizer):
         w = self.tv_weight * math.sqrt(self.tv_ref_pixels / float(B * H * W))
         return tv_prior_loss(x, weight=w, tau=0.)
 
-    def _bar_steps(self) -> int:
-        return max(1, self.iterations)
+    # ------------------------------------------------------- loop pieces
+    LOSS_TERMS = ('head_sim', 'ce', 'tv')
 
-    # ------------------------------------------------------------ synthesis
-    def synthesize_batch(self, backbone, n, hw, device, generator,
-                         batch_idx=0, bar=None):
-        comp = self.components
-        x, mean, std = self._init_pixels(n, hw, device, generator)
-        targets = random_hard_targets(n, self.num_classes,
-                                      generator).to(device)
-        noise_gen = None
+    @property
+    def weights(self):
+        """Weights of the head similarity and the pseudo-label CE; the TV
+        term carries its own (see :meth:`tv_loss`)."""
+        return dict(head_sim=self.head_sim_weight, ce=self.ce_weight)
+
+    def make_optimizer(self, x):
+        return torch.optim.AdamW([x], lr=self.lr, betas=self.betas,
+                                 weight_decay=self.weight_decay)
+
+    def start_batch(self, state):
+        """The batch's random labels, the generator of its pixel noise and,
+        with ``head_similarity``, the logits recorder."""
+        gen = state.generator
+        state.targets = random_hard_targets(state.n, self.num_classes,
+                                            gen).to(state.device)
+        state.noise_gen = None
         if self.noise_std > 0:
-            noise_gen = torch.Generator(device=device).manual_seed(
-                int(torch.randint(2**62, (), generator=generator)))
-        opt = torch.optim.AdamW([x], lr=self.lr, betas=self.betas,
-                                weight_decay=self.weight_decay)
-        rec = AttnLogitsRecorder(backbone) if comp['head_similarity'] \
-            else None
-        zero = torch.zeros((), device=device)
-        try:
-            for it in range(self.iterations):
-                for group in opt.param_groups:
-                    group['lr'] = self.lr_at(it)
-                opt.zero_grad(set_to_none=True)
-                x_aug = self.augment(x, generator, it, noise_gen)
-                if rec is not None:
-                    rec.clear()
-                feats = backbone(x_aug)
-                loss = zero
-                loss_hs = loss_ce = loss_tv = zero
-                if rec is not None:
-                    loss_hs = inter_head_similarity_loss(
-                        rec.records, c1=self.ssim_c1, c2=self.ssim_c2,
-                        pairs=self.head_pairs)
-                    rec.clear()
-                    loss = loss + self.head_sim_weight * loss_hs
-                if comp['pseudo_label']:
-                    if isinstance(feats, torch.Tensor):
-                        feats = (feats, )
-                    loss_ce = F.cross_entropy(self.head(feats), targets)
-                    loss = loss + self.ce_weight * loss_ce
-                del feats
-                if comp['tv']:
-                    loss_tv = self.tv_loss(x, generator)
-                    loss = loss + loss_tv
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    x.copy_(clamp_to_range(x, mean, std))
-                self._bar_update(bar)
-                if self._log_due(it, self.iterations):
-                    self._log(batch_idx, it, opt.param_groups[0]['lr'], loss,
-                              loss_hs, loss_ce, loss_tv)
-        finally:
-            if rec is not None:
-                rec.remove()
-        return x.detach()
+            state.noise_gen = torch.Generator(
+                device=state.device).manual_seed(
+                    int(torch.randint(2**62, (), generator=gen)))
+        if self.components['head_similarity']:
+            state.recorder = AttnLogitsRecorder(state.backbone)
 
-    def _log(self, batch_idx, it, lr, loss, loss_hs, loss_ce, loss_tv):
-        self.log_terms(dict(batch=batch_idx, iter=it + 1, lr=lr,
-                            loss=loss.item(), loss_head_sim=loss_hs.item(),
-                            loss_ce=loss_ce.item(), loss_tv=loss_tv.item()))
+    def pass_input(self, state, p):
+        return self.augment(state.x, state.generator, state.it,
+                            state.noise_gen)
+
+    def loss_terms(self, state, p, inputs, feats):
+        terms = {}
+        if state.recorder is not None:
+            terms['head_sim'] = inter_head_similarity_loss(
+                state.recorder.records, c1=self.ssim_c1, c2=self.ssim_c2,
+                pairs=self.head_pairs)
+        if self.components['pseudo_label']:
+            if isinstance(feats, torch.Tensor):
+                feats = (feats, )
+            terms['ce'] = F.cross_entropy(self.head(feats), state.targets)
+        if self.components['tv']:
+            terms['tv'] = self.tv_loss(state.x, state.generator)
+        return terms

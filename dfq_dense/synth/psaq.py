@@ -11,14 +11,14 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from ..registry import MODELS
-from .base import (BaseSynthesizer, PixelAdamMixin, clamp_to_range,
-                   get_backbone)
+from .base import PixelAdamMixin, get_backbone
 from .hooks import AttnOutputRecorder
 from .losses import GRIDS, TAU_REF_PIXELS, psaq_entropy_loss
+from .loop import PixelSynthesizer
 
 
 @MODELS.register_module()
-class PSAQViT(PixelAdamMixin, BaseSynthesizer):
+class PSAQViT(PixelAdamMixin, PixelSynthesizer):
     """Patch-Similarity-Aware data-free synthesis (PSAQ-ViT V1) for Swin.
 
     Per batch: ``x ~ N(0, 1)`` ``(n, 3, H, W)`` (normalised space), one TV
@@ -31,7 +31,8 @@ class PSAQViT(PixelAdamMixin, BaseSynthesizer):
 
         entropy_weight * psaq_entropy_loss(records) + tv_prior_loss(x_aug)
 
-    then clamps ``x`` to the valid normalised range.
+    then clamps ``x`` to the valid normalised range (the loop of
+    :class:`~dfq_dense.synth.loop.PixelSynthesizer`).
 
     Schedule (defaults = the official code, ``generate_data.py`` of
     github.com/zkkli/PSAQ-ViT): 2 rounds x 500 iterations (``iterations``
@@ -51,7 +52,7 @@ class PSAQViT(PixelAdamMixin, BaseSynthesizer):
     ``synth_rounds=1, jitter=15, jitter_shift='independent',
     tau_per='iteration', tv_on='raw'`` (:attr:`LEGACY_SCHEDULE`).
 
-    Args (beyond :class:`BaseSynthesizer`):
+    Args (beyond :class:`~dfq_dense.synth.base.BaseSynthesizer`):
         iterations: iterations *per round* (500).
         synth_rounds: rounds (2).  (Not ``rounds``: PSAQ-ViT V2 uses that
             name for its adaptation rounds.)
@@ -166,37 +167,30 @@ class PSAQViT(PixelAdamMixin, BaseSynthesizer):
         super().check_model(model)
         AttnOutputRecorder(get_backbone(model)).remove()
 
-    # ------------------------------------------------------------ synthesis
-    def synthesize_batch(self, backbone, n, hw, device, generator,
-                         batch_idx=0, bar=None):
-        x, mean, std = self._init_pixels(n, hw, device, generator)
-        tau = self.draw_tau(generator)  # None: one per iteration
-        # one optimizer for all rounds, as the official code
-        opt = torch.optim.Adam([x], lr=self.lr, betas=self.betas)
-        total = self.total_iterations
-        with AttnOutputRecorder(backbone) as rec:
-            for it in range(total):
-                for group in opt.param_groups:
-                    group['lr'] = self.lr_at(it)
-                opt.zero_grad(set_to_none=True)
-                x_aug = self.augment(x, generator, self.round_of(it))
-                rec.clear()
-                backbone(x_aug)
-                loss_ent, ents = self.entropy_loss(rec.records, generator)
-                rec.clear()
-                loss_tv = self.tv_prior(self.tv_input(x, x_aug), generator,
-                                        tau)
-                loss = self.entropy_weight * loss_ent + loss_tv
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    x.copy_(clamp_to_range(x, mean, std))
-                self._bar_update(bar)
-                if self._log_due(it, total):
-                    self.log_terms(dict(
-                        batch=batch_idx, iter=it + 1,
-                        lr=opt.param_groups[0]['lr'], loss=loss.item(),
-                        loss_entropy=loss_ent.item(),
-                        loss_tv=loss_tv.item(),
-                        mean_entropy=ents.mean().item()))
-        return x.detach()
+    # ------------------------------------------------------- loop pieces
+    LOSS_TERMS = ('entropy', 'tv')
+
+    @property
+    def weights(self):
+        """The entropy's weight; the TV prior carries ``tv_weight``."""
+        return dict(entropy=self.entropy_weight)
+
+    def make_optimizer(self, x):
+        """One Adam for all rounds, as the official code."""
+        return torch.optim.Adam([x], lr=self.lr, betas=self.betas)
+
+    def start_batch(self, state):
+        state.tau = self.draw_tau(state.generator)  # None: one per iteration
+        state.recorder = AttnOutputRecorder(state.backbone)
+
+    def pass_input(self, state, p):
+        return self.augment(state.x, state.generator,
+                            self.round_of(state.it))
+
+    def loss_terms(self, state, p, inputs, feats):
+        loss_ent, ents = self.entropy_loss(state.recorder.records,
+                                           state.generator)
+        state.logs['mean_entropy'] = ents.mean()
+        loss_tv = self.tv_prior(self.tv_input(state.x, inputs),
+                                state.generator, state.tau)
+        return dict(entropy=loss_ent, tv=loss_tv)

@@ -94,6 +94,11 @@ class RealImages(BaseSynthesizer):
         self.selected_files = None
 
     # ------------------------------------------------------------ selection
+    def prepare(self) -> None:
+        """Pick the files now: a missing folder or too few images fail
+        before any work (see :meth:`select_files`)."""
+        self.selected_files = self.select_files()
+
     def select_files(self) -> List[str]:
         """The ``num_images`` picked paths (absolute), in output order."""
         files = list_images(self.data_root)

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import MODELS
-from .base import (BaseSynthesizer, PixelAdamMixin, clamp_to_range,
-                   get_backbone)
+from .base import PixelAdamMixin, get_backbone
 from .feature_targets import (RandomProjectionHead, random_hard_targets,
                               random_soft_targets, soft_cross_entropy)
-from .hooks import _SwinAttnHooks
+from .hooks import SwinAttnRecorder
+from .loop import PixelSynthesizer, SynthPass
 from .losses import TAU_REF_PIXELS
 
 __all__ = [
@@ -40,79 +40,24 @@ __all__ = [
 # --------------------------------------------------------------------------
 # recorder of the post-softmax window attention
 # --------------------------------------------------------------------------
-class AttnProbRecorder(_SwinAttnHooks):
+class AttnProbRecorder(SwinAttnRecorder):
     """Record the post-softmax window attention of every Swin block.
 
-    Hooks each ``ShiftWindowMSA`` (forward pre-hook: ``hw_shape`` and the
-    image batch size) and its ``w_msa.softmax`` (forward hook: the attention
-    probabilities ``(B_img * nW, heads, N, N)``).  Works with mmdet's and
-    mmseg's ``WindowMSA`` and with
-    :class:`~dfq_dense.quant.modules.QuantWindowMSA` (which keeps
-    ``.softmax``, ``.num_heads`` and ``.window_size``), provided the
-    recorder is built after the replacement.
-
-    After a forward of the backbone ``self.records`` holds one dict per block,
-    in forward order::
-
-        {'probs': (B_img, nW, heads, N, N) attention (rows sum to 1),
-         'valid': (B_img, nW, N) bool, False on Swin's padding tokens,
-         'depth': l in 1..L (index of the block over all stages),
-         'num_blocks': L, 'name', 'hw_shape', 'shift_size',
-         'window_size': int, 'num_heads': int}
-
-    Records accumulate across forwards; call :meth:`clear` before one.  Set
-    ``enabled = False`` to run forwards that are not recorded.
-
-    Args:
-        backbone: mmdet/mmseg ``SwinTransformer`` (or any module containing
-            ``ShiftWindowMSA`` modules).
+    :class:`~dfq_dense.synth.hooks.SwinAttnRecorder` recording ``'probs'``
+    (the softmax output of ``w_msa``, ``(B_img, nW, heads, N, N)``, rows
+    summing to 1) with ``valid``, ``depth`` (index of the block over all
+    stages, 1..L), ``num_blocks`` (L) and the other metadata.  Works with
+    mmdet's and mmseg's ``WindowMSA`` and with
+    :class:`~dfq_dense.quant.modules.QuantWindowMSA`, provided the recorder
+    is built after the replacement.  :meth:`block_specs` gives ``(num_heads,
+    window_size)`` per block.
 
     Raises:
         ValueError: ``backbone`` has no ``ShiftWindowMSA``.
     """
 
     def __init__(self, backbone: nn.Module):
-        super().__init__(backbone)
-        self.num_blocks = len(self.modules)
-        for idx, (name, mod) in enumerate(self.modules):
-            softmax = getattr(mod.w_msa, 'softmax', None)
-            if not isinstance(softmax, nn.Module):
-                raise ValueError(
-                    f'{name}.w_msa ({type(mod.w_msa).__name__}) has no '
-                    '`softmax` module to hook')
-            self._handles.append(mod.register_forward_pre_hook(
-                self._make_msa_hook(idx, name, mod), with_kwargs=True))
-            self._handles.append(softmax.register_forward_hook(
-                self._make_softmax_hook(idx, name, mod)))
-
-    def block_specs(self) -> List[Tuple[int, int]]:
-        """``(num_heads, window_size)`` of every block, in forward order."""
-        return [(int(m.w_msa.num_heads), int(m.window_size))
-                for _, m in self.modules]
-
-    # ------------------------------------------------------------------ hooks
-    def _make_softmax_hook(self, idx, name, msa):
-
-        def hook(module, args, out):
-            pending = (self._pop_pending(idx, msa, out.device)
-                       if self.enabled else None)
-            if pending is None:
-                return  # softmax called outside ShiftWindowMSA.forward
-            hw_shape, b_img, valid = pending  # valid: (nW, N)
-            ws = int(msa.window_size)
-            nw, n = valid.shape
-            bnw, heads, n_q, n_k = out.shape
-            assert n_q == n_k == n and bnw == b_img * nw, (
-                f'unexpected attention {tuple(out.shape)} for hw_shape '
-                f'{hw_shape}, window {ws}, batch {b_img}')
-            self.records.append(
-                dict(probs=out.reshape(b_img, nw, heads, n, n),
-                     valid=valid.unsqueeze(0).expand(b_img, nw, n),
-                     depth=idx + 1, num_blocks=self.num_blocks, name=name,
-                     hw_shape=hw_shape, shift_size=int(msa.shift_size),
-                     window_size=ws, num_heads=heads))
-
-        return hook
+        super().__init__(backbone, record=('probs', ))
 
 
 # --------------------------------------------------------------------------
@@ -406,7 +351,7 @@ def msr_crops(x: torch.Tensor,
 # synthesizer
 # --------------------------------------------------------------------------
 @MODELS.register_module()
-class SPDFQ(PixelAdamMixin, BaseSynthesizer):
+class SPDFQ(PixelAdamMixin, PixelSynthesizer):
     """SPDFQ / SARDFQ data-free synthesis for Swin backbones.
 
     Per batch of ``n`` images (everything random from the seeded generator,
@@ -597,12 +542,6 @@ class SPDFQ(PixelAdamMixin, BaseSynthesizer):
         idx = random_hard_targets(n, self.num_classes, generator)
         return F.one_hot(idx, self.num_classes).float()
 
-    def _label_loss(self, backbone, x, targets):
-        feats = backbone(x)
-        if isinstance(feats, torch.Tensor):
-            feats = [feats]
-        return soft_cross_entropy(self.head(list(feats)), targets)
-
     def _random_regions(self, n, hw, generator, cell_targets):
         """This iteration's MSR regions (``m ~ U{1..K}`` per image) and
         their targets (the target of the region's image and grid cell)."""
@@ -613,99 +552,110 @@ class SPDFQ(PixelAdamMixin, BaseSynthesizer):
         index = (boxes[:, 0] * n_cells + cells).to(cell_targets.device)
         return boxes, cell_targets[index]
 
-    # ------------------------------------------------------------ synthesis
-    def synthesize_batch(self, backbone, n, hw, device, generator,
-                         batch_idx=0, bar=None):
-        comps = self.components
-        x, mean, std = self._init_pixels(n, hw, device, generator)
-        rec = AttnProbRecorder(backbone)  # also checks the backbone
+    # ------------------------------------------------------- loop pieces
+    LOSS_TERMS = ('apa', 'sl', 'sl_img', 'sl_crops', 'tv')
+
+    @property
+    def weights(self):
+        """``alpha`` for L_APA, ``label_weight`` for the soft labels of
+        images and crops; the TV prior carries ``tv_weight``."""
+        return dict(apa=self.apa_weight, sl_img=self.label_weight,
+                    sl_crops=self.label_weight)
+
+    def make_optimizer(self, x):
+        return torch.optim.Adam([x], lr=self.lr, betas=self.betas)
+
+    def start_batch(self, state):
+        """Per batch, in this order from the generator: the priors of every
+        block and head, the image targets, then the MSR regions and their
+        targets (``'fixed'``) or one target per image and grid cell
+        (``'random'``).  The recorder is kept with APA only."""
+        comps, n, gen = self.components, state.n, state.generator
+        rec = AttnProbRecorder(state.backbone)  # also checks the backbone
         if comps['apa']:
-            priors = [
+            state.recorder = rec
+            state.priors = [
                 gaussian_mixture_prior(heads, (ws, ws), self.num_components,
-                                       generator, self.prior_sigma_range
-                                       ).to(device)
+                                       gen, self.prior_sigma_range
+                                       ).to(state.device)
                 for heads, ws in rec.block_specs()
             ]
         else:
             rec.remove()
-        use_labels = self.label_weight != 0
-        img_targets = self._targets(n, generator).to(device)
-        boxes = crop_targets = cell_targets = None
+        state.img_targets = self._targets(n, gen).to(state.device)
+        state.boxes = state.crop_targets = state.cell_targets = None
         if comps['msr'] and self.msr_count == 'fixed':
-            boxes = msr_regions(n, hw, self.num_patches, generator,
-                                self.msr_grid, self.msr_split_jitter)
-            crop_targets = self._targets(boxes.shape[0],
-                                         generator).to(device)
+            state.boxes = msr_regions(n, state.hw, self.num_patches, gen,
+                                      self.msr_grid, self.msr_split_jitter)
+            state.crop_targets = self._targets(state.boxes.shape[0],
+                                               gen).to(state.device)
         elif comps['msr']:  # one target per (image, grid cell)
             cells = self.msr_grid[0] * self.msr_grid[1]
-            cell_targets = self._targets(n * cells, generator).to(device)
-        opt = torch.optim.Adam([x], lr=self.lr, betas=self.betas)
-        zero = torch.zeros((), device=device)
-        try:
-            for it in range(self.iterations):
-                for group in opt.param_groups:
-                    group['lr'] = self.lr_at(it)
-                opt.zero_grad(set_to_none=True)
-                # 1. images: APA + image labels
-                loss_apa, loss_img = zero, zero
-                if comps['apa'] or use_labels:
-                    x_aug = self.augment(x, generator)
-                    rec.clear()
-                    if use_labels:
-                        loss_img = self._label_loss(backbone, x_aug,
-                                                    img_targets)
-                    else:
-                        backbone(x_aug)
-                    if comps['apa']:
-                        loss_apa = attention_prior_alignment_loss(
-                            rec.records, priors, heads=self.apa_heads)
-                    rec.clear()
-                    loss1 = self.apa_weight * loss_apa + \
-                        self.label_weight * loss_img
-                    if loss1.requires_grad:
-                        loss1.backward()
-                # 2. MSR crops: their own targets
-                loss_crop = zero
-                if comps['msr'] and use_labels:
-                    boxes_it, targets_it = boxes, crop_targets
-                    if self.msr_count == 'random':
-                        boxes_it, targets_it = self._random_regions(
-                            n, hw, generator, cell_targets)
-                    crops = crop_and_resize(x, boxes_it, self.crop_size)
-                    crops = self.augment(crops, generator)
-                    rec.enabled = False
-                    try:
-                        loss_crop = self._label_loss(backbone, crops,
-                                                     targets_it)
-                    finally:
-                        rec.enabled = True
-                    (self.label_weight * loss_crop).backward()
-                # 3. TV prior
-                loss_tv = zero
-                if comps['tv']:
-                    loss_tv = self.tv_prior(x, generator)
-                    loss_tv.backward()
-                loss_sl = loss_img + loss_crop
-                loss = (self.apa_weight * loss_apa +
-                        self.label_weight * loss_sl + loss_tv).detach()
-                if x.grad is not None:
-                    opt.step()
-                with torch.no_grad():
-                    x.copy_(clamp_to_range(x, mean, std))
-                self._bar_update(bar)
-                if self._log_due(it, self.iterations):
-                    self._log(batch_idx, it, opt, loss, loss_apa, loss_sl,
-                              loss_img, loss_crop, loss_tv)
-        finally:
-            rec.remove()
-        return x.detach()
+            state.cell_targets = self._targets(n * cells,
+                                               gen).to(state.device)
 
-    def _log(self, batch_idx, it, opt, loss, loss_apa, loss_sl, loss_img,
-             loss_crop, loss_tv):
-        self.log_terms(dict(
-            batch=batch_idx, iter=it + 1, lr=opt.param_groups[0]['lr'],
-            loss=loss.item(), loss_apa=float(loss_apa.item()),
-            loss_sl=float(loss_sl.item()),
-            loss_sl_img=float(loss_img.item()),
-            loss_sl_crops=float(loss_crop.item()),
-            loss_tv=float(loss_tv.item())))
+    def passes(self, state):
+        """1. the images (APA and their labels), 2. the MSR crops (their
+        labels; a forward that is not recorded), 3. the TV prior; each
+        backpropagated before the next forward."""
+        comps = self.components
+        use_labels = self.label_weight != 0
+        out = []
+        if comps['apa'] or use_labels:
+            out.append(SynthPass('images'))
+        if comps['msr'] and use_labels:
+            out.append(SynthPass('crops', record=False))
+        if comps['tv']:
+            out.append(SynthPass('tv', forward=False))
+        return out
+
+    def pass_input(self, state, p):
+        if p.name == 'images':
+            return self.augment(state.x, state.generator)
+        # crops: this iteration's regions ('random') or the batch's
+        boxes, state.crop_targets_it = state.boxes, state.crop_targets
+        if self.msr_count == 'random':
+            boxes, state.crop_targets_it = self._random_regions(
+                state.n, state.hw, state.generator, state.cell_targets)
+        crops = crop_and_resize(state.x, boxes, self.crop_size)
+        return self.augment(crops, state.generator)
+
+    def loss_terms(self, state, p, inputs, feats):
+        if p.name == 'tv':
+            return dict(tv=self.tv_prior(state.x, state.generator))
+        if p.name == 'crops':
+            return dict(sl_crops=self._label_loss(feats,
+                                                  state.crop_targets_it))
+        # images: their labels' CE is computed first and summed after L_APA
+        # (alpha * L_APA + w * L_SL_img), the order a seed's images were
+        # always made in
+        terms = {}
+        loss_img = None
+        if self.label_weight != 0:
+            loss_img = self._label_loss(feats, state.img_targets)
+        if self.components['apa']:
+            terms['apa'] = attention_prior_alignment_loss(
+                state.recorder.records, state.priors, heads=self.apa_heads)
+        if loss_img is not None:
+            terms['sl_img'] = loss_img
+        return terms
+
+    def log_values(self, terms, total):
+        """``loss = apa_weight * L_APA + label_weight * (L_SL_img +
+        L_SL_crops) + L_TV`` and its terms, ``loss_sl`` the sum of the two
+        label terms."""
+        zero = total.new_zeros(())
+        apa = terms.get('apa', zero).detach()
+        img = terms.get('sl_img', zero).detach()
+        crop = terms.get('sl_crops', zero).detach()
+        tv = terms.get('tv', zero).detach()
+        sl = img + crop
+        loss = self.apa_weight * apa + self.label_weight * sl + tv
+        return dict(loss=loss.item(), loss_apa=apa.item(),
+                    loss_sl=sl.item(), loss_sl_img=img.item(),
+                    loss_sl_crops=crop.item(), loss_tv=tv.item())
+
+    def _label_loss(self, feats, targets):
+        if isinstance(feats, torch.Tensor):
+            feats = [feats]
+        return soft_cross_entropy(self.head(list(feats)), targets)

@@ -5,7 +5,9 @@
 # targets over a fixed random projection of the pooled backbone features (the
 # task-independent stand-in for MimiQ's random-label classifier loss).
 # Synthesis settings of MimiQ: AdamW lr 0.1 (cosine to 1e-3), weight decay
-# 1e-6, 2000 iterations, batch 16, roll jitter 8 then 16 px.
+# 1e-6, 2000 iterations, batch 16, roll jitter 8 then 16 px.  MimiQ's QAT
+# part, the head-wise structural attention distillation of the calibrated
+# student, is the adapter below (dfq_adapter = None: synthesis only).
 # Earlier versions: weight_decay=0.01, head_pairs='distinct' (i < j only).
 dfq_synthesizer = dict(
     type='MimiQ',
@@ -20,3 +22,6 @@ dfq_synthesizer = dict(
     img_size=None,  # None: the model's test scale (800x1333 COCO, 512 ADE)
     components=dict(head_similarity=True, pseudo_label=True, tv=True),
     seed=0)
+# MimiQ's distillation (SGD Nesterov, lr 1e-6, weight decay 1e-4, 50 steps
+# on the student's backbone weights; student_step=dict(...) overrides).
+dfq_adapter = dict(type='MimiQDistill', seed=0)

@@ -21,3 +21,5 @@ dfq_synthesizer = dict(
     tv_on='augmented',
     img_size=None,  # None: the model's test scale (800x1333 COCO, 512 ADE)
     seed=0)
+# Synthesis only: the calibrated student is evaluated as it is.
+dfq_adapter = None

@@ -1,16 +1,25 @@
-# PSAQ-ViT V2 at backbone level: V1 synthesis for the initial images, then
-# rounds of (a) a sample step raising the patch-similarity entropy of the
-# FP teacher and the teacher-student discrepancy of the multi-scale backbone
-# features (hard samples for the current student) and (b) a student step
-# lowering that discrepancy through the straight-through fake quantizers.
-# The adapted student is evaluated.  The paper gives no counts for dense
-# prediction: these are this suite's choices (see PSAQViTV2's docstring).
+# PSAQ-ViT V2 at backbone level: V1 synthesis for the initial images
+# (dfq_synthesizer), then rounds (dfq_adapter) of (a) a sample step raising
+# the patch-similarity entropy of the FP teacher and the teacher-student
+# discrepancy of the multi-scale backbone features (hard samples for the
+# current student) and (b) a student step lowering that discrepancy through
+# the straight-through fake quantizers.  The adapted student is evaluated.
+# The paper gives no counts for dense prediction: these are this suite's
+# choices (see PSAQViTV2Rounds' docstring).
 dfq_synthesizer = dict(
     type='PSAQViTV2',
     num_images=32,
     batch_size=8,
     iterations=500,  # V1 iterations per round of the initial images (2 rounds)
     img_size=None,
+    seed=0)
+# The rounds change the student (and the images): the (adapt) stage.  Its
+# patch-similarity entropy and TV prior take V1's settings by the same names
+# (bandwidth, tv_weight, ...; defaults as PSAQViT's): set them here too when
+# changing them for the synthesis.
+dfq_adapter = dict(
+    type='PSAQViTV2Rounds',
+    batch_size=8,
     rounds=4,
     sample_iters=50,
     # sample step: each term's pixel gradient rescaled per image to a common

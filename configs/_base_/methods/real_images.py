@@ -9,3 +9,5 @@ dfq_synthesizer = dict(
     img_size=None,
     data_root=None,
     seed=0)
+# No adaptation of the calibrated student.
+dfq_adapter = None

@@ -18,3 +18,5 @@ dfq_synthesizer = dict(
     apa_heads='sum',
     components=dict(apa=True, msr=True, soft_label=True, tv=True),
     seed=0)
+# No adaptation of the calibrated student (yet).
+dfq_adapter = None

@@ -1,14 +1,15 @@
-"""Teacher-student pieces shared by PSAQ-ViT V2 and MimiQ's student step.
+"""The student step: optimise the quantized student towards the frozen
+full-precision teacher on a set of (synthetic) images, and the model helpers
+it shares with the adapters.
 
-* :func:`feature_discrepancy`: how far the student's multi-scale features
-  are from the teacher's (``'mse'`` on teacher-standardised features or
-  ``'kl'`` on channel softmaxes), per sample or averaged.
+* :class:`StudentStep`: a few optimisation steps of the student's weights,
+  its quantizer scales, or both (PSAQ-ViT V2's student step, MimiQ's
+  distillation);
 * :func:`extract_features`: the multi-scale outputs of a model's backbone
-  (optionally followed by its neck), as a list of ``(B, C, H, W)``.
-* :func:`mean_discrepancy`: the discrepancy averaged over an image pool.
-* :class:`StudentStep`: a few optimisation steps of the quantized student
-  (its weights, its quantizer scales, or both) towards the frozen
-  full-precision teacher on a given set of (synthetic) images.
+  (optionally followed by its neck), as a list of ``(B, C, H, W)``;
+* :func:`mean_discrepancy`: the discrepancy averaged over an image pool;
+* :func:`frozen_modules`, :func:`trainable_scales`, :func:`adapted_modules`,
+  :func:`get_neck`, :func:`add_scalars`.
 
 Models here are full mmdet/mmseg models (``.backbone`` and optionally
 ``.neck``); the teacher is the full-precision model, the student its
@@ -18,124 +19,24 @@ import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from mmengine.logging import MessageHub, print_log
 from torch import nn
 
 from ..quant.quantizer import Quantizer
-from .base import get_backbone
-from .hooks import AttnOutputRecorder
+from ..synth.base import get_backbone
+from ..synth.hooks import AttnOutputRecorder
+from .losses import (MEASURES, _as_list, feature_discrepancy,
+                     headwise_structure_loss_records)
 
 __all__ = [
-    'feature_discrepancy', 'extract_features', 'mean_discrepancy',
-    'get_neck', 'adapted_modules', 'trainable_scales', 'frozen_modules',
-    'StudentStep', 'add_scalars', 'headwise_structure_loss_records',
-    'MEASURES', 'STUDENT_PARAMS', 'STUDENT_LOSSES'
+    'extract_features', 'mean_discrepancy', 'get_neck', 'adapted_modules',
+    'trainable_scales', 'frozen_modules', 'StudentStep', 'add_scalars',
+    'STUDENT_PARAMS', 'STUDENT_LOSSES'
 ]
 
-MEASURES = ('mse', 'kl')
 STUDENT_PARAMS = ('weights', 'qparams', 'both')
 STUDENT_LOSSES = ('feature', 'mimiq')
 OPTIMIZERS = ('adam', 'sgd')
-
-Feats = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-# --------------------------------------------------------------------------
-# discrepancy
-# --------------------------------------------------------------------------
-def _as_list(feats: Feats) -> List[torch.Tensor]:
-    if isinstance(feats, torch.Tensor):
-        return [feats]
-    return list(feats)
-
-
-def feature_discrepancy(t_feats: Feats,
-                        s_feats: Feats,
-                        measure: str = 'mse',
-                        tau: float = 1.0,
-                        reduction: str = 'mean',
-                        eps: float = 1e-6) -> torch.Tensor:
-    """Teacher-student discrepancy of multi-scale ``(B, C, H, W)`` features.
-
-    Per stage ``k`` (teacher ``t``, student ``s``, same shape) a per-sample
-    value ``d_k(b)`` is computed, then averaged over the stages (each stage
-    counts the same, whatever its resolution or width):
-
-    * ``'mse'``: both features are standardised with the *teacher's*
-      per-sample, per-channel statistics over the spatial positions,
-      ``mu = mean_{H,W} t``, ``sigma = sqrt(var_{H,W} t + eps)``
-      (population variance), *detached*::
-
-          d_k(b) = mean_{C,H,W} ((s - mu) / sigma - (t - mu) / sigma)^2
-
-      Swin's stages (and FPN levels) have very different magnitudes; the
-      standardisation makes every channel of every stage count alike and
-      measures the student's error in units of the teacher's own spread.
-      The statistics are constants (no gradient through them), so the
-      measure is a plain weighted MSE in ``s`` (and in ``t``).  Identical
-      features give exactly 0.
-    * ``'kl'``: at every spatial position, the softmax over channels with
-      temperature ``tau``, ``p = softmax(t / tau)``, ``q = softmax(s /
-      tau)``, and ``KL(p || q) = sum_c p_c (log p_c - log q_c)``, averaged
-      over the positions and multiplied by ``tau^2`` (Hinton's factor, which
-      keeps the gradient magnitude independent of ``tau``)::
-
-          d_k(b) = tau^2 * mean_{H,W} KL(p || q)
-
-      The raw (un-standardised) features are used: the channel softmax is
-      what a 1x1 classifier over the features would see.
-
-    Args:
-        t_feats, s_feats: a ``(B, C, H, W)`` tensor or a list of them (one
-            per stage); the lists must match in length and shapes.
-        measure: ``'mse'`` or ``'kl'``.
-        tau: KL temperature (``'kl'`` only).
-        reduction: ``'mean'`` (scalar, mean over the batch), ``'sum'``
-            (sum over the batch) or ``'none'`` (``(B,)``, e.g. to pick the
-            hard samples).
-        eps: added to the teacher variance (``'mse'``).
-
-    The teacher is not detached (the sample step of PSAQ-ViT V2 needs its
-    gradient to the pixels); run it under ``no_grad`` when it is a target.
-    """
-    if measure not in MEASURES:
-        raise ValueError(f'feature_discrepancy: measure must be one of '
-                         f'{MEASURES}, got {measure!r}')
-    if reduction not in ('mean', 'sum', 'none'):
-        raise ValueError("feature_discrepancy: reduction must be 'mean', "
-                         f"'sum' or 'none', got {reduction!r}")
-    t_list, s_list = _as_list(t_feats), _as_list(s_feats)
-    if len(t_list) != len(s_list) or not t_list:
-        raise ValueError('feature_discrepancy: teacher and student need the '
-                         'same, non-zero number of feature maps, got '
-                         f'{len(t_list)} and {len(s_list)}')
-    per_stage = []
-    for k, (t, s) in enumerate(zip(t_list, s_list)):
-        if t.shape != s.shape or t.dim() != 4:
-            raise ValueError(
-                f'feature_discrepancy: stage {k}: teacher {tuple(t.shape)} '
-                f'and student {tuple(s.shape)} must be equal (B, C, H, W)')
-        t = t if t.dtype == torch.float64 else t.float()
-        s = s.to(t.dtype)
-        if measure == 'mse':
-            td = t.detach()
-            mu = td.mean(dim=(2, 3), keepdim=True)
-            sigma = (td.var(dim=(2, 3), unbiased=False, keepdim=True) +
-                     eps).sqrt()
-            d = ((s - t) / sigma).pow(2).mean(dim=(1, 2, 3))
-        else:
-            log_p = F.log_softmax(t / tau, dim=1)
-            log_q = F.log_softmax(s / tau, dim=1)
-            kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)  # (B, H, W)
-            d = kl.mean(dim=(1, 2)) * (tau * tau)
-        per_stage.append(d)
-    per_sample = torch.stack(per_stage, 0).mean(0)  # (B,)
-    if reduction == 'none':
-        return per_sample
-    if reduction == 'sum':
-        return per_sample.sum()
-    return per_sample.mean()
 
 
 # --------------------------------------------------------------------------
@@ -303,7 +204,7 @@ class StudentStep:
       (``measure``, ``tau``) between the teacher's and the student's
       backbone outputs (neck outputs with ``include_neck``).
     * ``'mimiq'``: MimiQ's distillation, ``structure_weight *``
-      :func:`~dfq_dense.synth.mimiq.headwise_structure_loss` between the
+      :func:`~dfq_dense.adapt.losses.headwise_structure_loss` between the
       per-head ``attn @ v`` outputs of every window attention of the two
       backbones (:class:`~dfq_dense.synth.hooks.AttnOutputRecorder` with
       ``average_heads=False``, padding tokens masked) ``+ feature_weight *``
@@ -569,20 +470,3 @@ def add_scalars(visualizer, scalars: Dict[str, float], step: int) -> None:
     """``visualizer.add_scalars(scalars, step=step)`` if one is given."""
     if visualizer is not None and scalars:
         visualizer.add_scalars(scalars, step=step)
-
-
-def headwise_structure_loss_records(t_records: Sequence[Dict],
-                                    s_records: Sequence[Dict],
-                                    num_heads: Sequence[int]) -> torch.Tensor:
-    """:func:`~dfq_dense.synth.mimiq.headwise_structure_loss` over the
-    :class:`AttnOutputRecorder` (``average_heads=False``) records of the
-    teacher and the student (same layers, same order), mean over layers."""
-    from .mimiq import headwise_structure_loss
-    if len(t_records) != len(s_records) or len(t_records) != len(num_heads) \
-            or not t_records:
-        raise ValueError(
-            'headwise_structure_loss_records: got '
-            f'{len(t_records)} teacher and {len(s_records)} student records '
-            f'for {len(num_heads)} attention layers (were both backbones run '
-            'once inside their recorders?)')
-    return headwise_structure_loss(t_records, s_records, list(num_heads))
