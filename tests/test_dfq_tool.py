@@ -431,3 +431,18 @@ def test_assemble_dfq_type_switch_replaces_another_method():
     cfg = assemble_dfq(_fragments_cfg(dict(synthesizer=dict(
         _delete_=True, type='MyMimiQ', num_images=3))))
     assert cfg.dfq.synthesizer == dict(type='MyMimiQ', num_images=3)
+
+
+def test_adapter_over_a_fragment_without_one(tmp_path):
+    """A config whose method fragment has no adapter (dfq_adapter = None)
+    takes one from the leaf or from --cfg-options."""
+    from dfq_dense.engine.dfq_config import assemble_dfq
+    cfg = _fragments_cfg(dict(adapter=dict(type='MimiQDistill', seed=1)))
+    cfg.dfq_adapter = None
+    assert assemble_dfq(cfg).dfq.adapter == dict(type='MimiQDistill', seed=1)
+    path = osp.join(REPO, 'configs', 'demo', 'upernet_swin_demo_w8a8.py')
+    assert load_config(path).dfq.adapter is None
+    cfg = load_config(path, {'dfq.adapter.type': 'BlockReconstruction',
+                             'dfq.adapter.iters': 2})
+    assert cfg.dfq.adapter == dict(type='BlockReconstruction', iters=2)
+    assert parse_dfq_config(cfg.dfq).adapter.iters == 2

@@ -19,8 +19,10 @@ GRID = f"""
 configs = ['{DET}', '{SEG}']
 methods = dict(noise=dict(_delete_=True, type='GaussianNoise', batch_size=8),
                psaq=dict(type='PSAQViT', iterations=5),
-               v2=dict(_delete_=True, type='PSAQViTV2', iterations=5,
-                       student_step=dict(iters=2, lr=1e-4)))
+               v2=dict(synthesizer=dict(_delete_=True, type='PSAQViTV2',
+                                        iterations=5),
+                       adapter=dict(type='PSAQViTV2Rounds',
+                                    student_step=dict(iters=2, lr=1e-4))))
 bits = ['w8a8', 'w6a6', 'w4a8', 'w4a4']
 quantizer = 'percentile'
 seeds = [0, 1, 2]
@@ -107,16 +109,24 @@ def test_cell_options_and_load_images_chain(tmp_path):
     opts = matrix.cell_options(psaq, grid)
     assert 'dfq.synthesizer._delete_' not in opts
     assert opts['dfq.synthesizer.iterations'] == 5
-    # the applied config: the synthesizer and quantizer of the cell
-    from mmengine.config import Config
-    cfg = Config.fromfile(osp.join(REPO, SEG))
+    # a method without adapter runs without one, whatever the config's
+    # fragment says
+    assert opts['dfq.adapter'] is None
+    # the applied config: the synthesizer, adapter and quantizer of the
+    # cell (the seeds axis seeds the adapter too)
+    from dfq_dense.engine.runner import load_config
     v2 = next(c for c in cells if c['definition']['method'] == 'v2')
-    cfg.merge_from_dict(matrix._parse_options(
+    cfg = load_config(osp.join(REPO, SEG), matrix._parse_options(
         matrix.cell_argv(v2, grid)[matrix.cell_argv(v2, grid).index(
             '--cfg-options') + 1:]))
     assert cfg.dfq.synthesizer.to_dict() == dict(
-        type='PSAQViTV2', iterations=5, seed=0, num_images=1,
-        student_step=dict(iters=2, lr=1e-4))
+        type='PSAQViTV2', iterations=5, seed=0, num_images=1)
+    assert cfg.dfq.adapter.to_dict() == dict(
+        type='PSAQViTV2Rounds', seed=0, student_step=dict(iters=2, lr=1e-4))
+    opts = matrix.cell_options(
+        next(c for c in cells if c['definition']['method'] == 'v2' and
+             c['definition']['seed'] == 2), grid)
+    assert opts['dfq.adapter.seed'] == opts['dfq.synthesizer.seed'] == 2
     assert cfg.dfq.quantizer.w_bits == 8
     assert 'percentile' in str(cfg.dfq.quantizer.act.observer).lower()
 
@@ -248,6 +258,14 @@ def test_print_output(tmp_path):
      'methods.psaq sets seed'),
     (GRID + "options = {'a.b': '1,2'}\n", 'does not survive'),
     ('bits = []\n', 'missing key(s) configs, methods'),
+    (GRID.replace("adapter=dict(type='PSAQViTV2Rounds',",
+                  "adapter=dict(type='PSAQViTV2Rounds', seed=3,"),
+     'methods.v2 sets seed'),
+    (GRID.replace("adapter=dict(type=", "adaptor=dict(type="),
+     "methods.v2: unknown key(s) ['adaptor']"),
+    (GRID.replace("adapter=dict(type='PSAQViTV2Rounds',",
+                  "adapter=dict(rounds=1,"),
+     'the adapter must be None or a dict with a type'),
 ])
 def test_bad_grid_one_line(tmp_path, text, message):
     proc = _tool(_grid(tmp_path, text), '--list')
@@ -269,6 +287,19 @@ def test_demo_grids_expand():
     assert {c['definition']['synthesizer']['type'] for c in cells} == {
         'GaussianNoise', 'RealImages', 'PSAQViT', 'PSAQViTV2', 'MimiQ',
         'SPDFQ'}
+    assert {(c['definition']['method'], (c['definition']['adapter'] or {})
+             .get('type')) for c in cells} == {
+        ('noise', None), ('real', None), ('psaq', None),
+        ('psaq_v2', 'PSAQViTV2Rounds'), ('mimiq', 'MimiQDistill'),
+        ('spdfq', 'BlockReconstruction')}
+    # every cell's settings are valid for its config (one-line errors)
+    from dfq_dense.engine.dfq_config import parse_dfq_config
+    from dfq_dense.engine.runner import load_config
+    for c in cells[::4]:
+        opts = matrix.cell_options(c, grid)
+        parse_dfq_config(load_config(osp.join(REPO, c['definition'][
+            'config']), matrix._parse_options(
+                matrix.option_pairs(opts))).dfq)
     matrix.check_grid_options(grid, cells)
     sweep = matrix.expand(matrix.load_grid(
         osp.join(REPO, 'configs/matrix/demo_sweep.py')))

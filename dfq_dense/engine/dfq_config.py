@@ -496,6 +496,9 @@ def assemble_dfq(cfg):
     leaf = copy.deepcopy(leaf.to_dict() if isinstance(leaf, ConfigDict)
                          else dict(leaf))
     for name in ('synthesizer', 'adapter'):
+        if isinstance(leaf.get(name), dict) and name in base and \
+                not isinstance(base[name], dict):
+            base.pop(name)  # e.g. an adapter where the fragment has None
         new = _type_name(leaf.get(name))
         if new is not None and isinstance(base.get(name), dict) and \
                 new != _type_name(base[name]):

@@ -168,6 +168,27 @@ def quantize_for_dfq(model, quantizer, dry_run=False):
         **{k: q[k] for k in SETTING_KEYS if k in q})
 
 
+def adaptation_losses(history):
+    """What the adapter's own loss did, from its ``history``: the first and
+    last logged student-step loss (``student_loss``; over all student steps
+    of all rounds) and, per reconstructed unit, the reconstruction loss
+    before and after (``reconstruction``).  Empty for an adapter that logs
+    neither."""
+    out = {}
+    student = [h for h in history
+               if h.get('phase') == 'student' and 'loss' in h]
+    if student:
+        out['student_loss'] = dict(first=student[0]['loss'],
+                                   last=student[-1]['loss'],
+                                   logged_steps=len(student))
+    units = [h for h in history if 'loss_before' in h and 'loss_after' in h]
+    if units:
+        out['reconstruction'] = [
+            {k: h[k] for k in ('block', 'loss_before', 'loss_after')
+             if k in h} for h in units]
+    return out
+
+
 @LOOPS.register_module()
 class DFQTestLoop(TestLoop):
     """Test loop that quantizes the model data-free before testing.
@@ -270,6 +291,8 @@ class DFQTestLoop(TestLoop):
                              if k == 'round' or k.startswith('disc_')}
                             for h in self.adapter.history
                             if h.get('phase') == 'round'])
+                self.report['adaptation'].update(
+                    adaptation_losses(self.adapter.history))
                 del codes
                 del teacher
                 if get_rank() == 0 and not torch.equal(adapted, images):

@@ -131,6 +131,11 @@ def load_config(path, cfg_options=None):
     assemble_dfq(cfg)
     if cfg_options:
         old_type = _synth_type(cfg)
+        dfq = cfg.get('dfq')
+        if isinstance(dfq, dict) and dfq.get('adapter') is None and any(
+                k.startswith('dfq.adapter.') for k in cfg_options):
+            # a method without adapter: dfq.adapter.* starts one
+            dfq.adapter = {}
         try:
             cfg.merge_from_dict(cfg_options)
         except Exception as err:  # noqa: BLE001

@@ -48,7 +48,8 @@ REQUIRED_KEYS = ('configs', 'methods', 'bits')
 # --cfg-options keys the grid axes own.
 AXIS_KEYS = ('dfq.synthesizer.seed', 'dfq.synthesizer.num_images',
              'dfq.quantizer.w_bits', 'dfq.quantizer.a_bits',
-             'dfq.load_images', 'dfq.quantizer', 'dfq.synthesizer')
+             'dfq.load_images', 'dfq.quantizer', 'dfq.synthesizer',
+             'dfq.adapter', 'dfq.adapter.seed')
 NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')
 
 
@@ -187,6 +188,40 @@ def _configs(grid):
     return out
 
 
+def _method(name, over):
+    """A grid method as ``dict(synthesizer=..., adapter=...)``.
+
+    The long form names both the data source (``dfq.synthesizer``) and
+    what adapts the student after calibration (``dfq.adapter``: None or a
+    dict); a plain synthesizer dict is short for ``adapter=None``.  The
+    adapter is always explicit in a cell, so that a method never runs
+    with the adapter of the config's own method fragment by accident."""
+    if not isinstance(over, dict):
+        raise GridError(f'methods.{name} must be a dict, got {over!r}')
+    if 'synthesizer' in over or 'adapter' in over:
+        extra = sorted(set(over) - {'synthesizer', 'adapter', '_delete_'})
+        if extra:
+            raise GridError(f'methods.{name}: unknown key(s) {extra} '
+                            '(synthesizer, adapter)')
+        synth, adapter = over.get('synthesizer'), over.get('adapter')
+    else:
+        synth, adapter = over, None
+    if not isinstance(synth, dict) or 'type' not in synth:
+        raise GridError(f'methods.{name}: the synthesizer must be a dict '
+                        f'with a type (dfq.synthesizer settings), got '
+                        f'{synth!r}')
+    if adapter is not None and (not isinstance(adapter, dict) or
+                                'type' not in adapter):
+        raise GridError(f'methods.{name}: the adapter must be None or a '
+                        f'dict with a type (dfq.adapter settings), got '
+                        f'{adapter!r}')
+    for key, axis in (('seed', 'seeds'), ('num_images', 'num_images')):
+        if key in synth or (key == 'seed' and adapter and key in adapter):
+            raise GridError(f'methods.{name} sets {key}: the grid\'s '
+                            f'{axis} sets it')
+    return dict(synthesizer=synth, adapter=adapter)
+
+
 def load_grid(path, work_dir=None):
     """Read and check the grid file; returns a plain dict with every key
     filled in.  :class:`GridError` (one line) on a bad grid."""
@@ -211,19 +246,13 @@ def load_grid(path, work_dir=None):
     methods = raw['methods']
     if not isinstance(methods, dict) or not methods:
         raise GridError('methods must be a non-empty dict name -> '
-                        'dfq.synthesizer overrides')
+                        'dict(synthesizer=..., adapter=...)')
+    grid['methods'] = {}
     for name, over in methods.items():
         if not NAME_RE.match(str(name)):
             raise GridError(f'methods: bad name {name!r} (letters, digits, '
                             '_ . -)')
-        if not isinstance(over, dict):
-            raise GridError(f'methods.{name} must be a dict of '
-                            f'dfq.synthesizer settings, got {over!r}')
-        for key, axis in (('seed', 'seeds'), ('num_images', 'num_images')):
-            if key in over:
-                raise GridError(f'methods.{name} sets {key}: the grid\'s '
-                                f'{axis} sets it')
-    grid['methods'] = {str(k): v for k, v in methods.items()}
+        grid['methods'][str(name)] = _method(name, over)
     grid['bits'] = {}
     for name in _list(raw, 'bits', None, str):
         setting = load_fragment('bits', name, 'dfq_bits')
@@ -293,7 +322,9 @@ def expand(grid):
                         definition = dict(
                             config=entry['config'],
                             checkpoint=entry['checkpoint'],
-                            method=method, synthesizer=over,
+                            method=method,
+                            synthesizer=over['synthesizer'],
+                            adapter=over['adapter'],
                             bits=bits, **wa,
                             quantizer=grid['quantizer'],
                             quantizer_setting=grid['quantizer_setting'],
@@ -350,6 +381,12 @@ def cell_options(cell, grid, load_images=None):
     flatten('dfq.synthesizer', d['synthesizer'], flat)
     flat['dfq.synthesizer.seed'] = d['seed']
     flat['dfq.synthesizer.num_images'] = d['num_images']
+    if d['adapter'] is None:
+        flat['dfq.adapter'] = None
+    else:
+        # whatever the config's own method fragment adapts with
+        flatten('dfq.adapter', dict(d['adapter'], _delete_=True), flat)
+        flat['dfq.adapter.seed'] = d['seed']
     if d['quantizer_setting'] is not None:
         flatten('dfq.quantizer', dict(d['quantizer_setting'],
                                       _delete_=True), flat)

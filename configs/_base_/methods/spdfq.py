@@ -18,5 +18,11 @@ dfq_synthesizer = dict(
     apa_heads='sum',
     components=dict(apa=True, msr=True, soft_label=True, tv=True),
     seed=0)
-# No adaptation of the calibrated student (yet).
-dfq_adapter = None
+# SPDFQ's quantized-network learning: block-wise reconstruction of the
+# calibrated student on the synthetic images (BRECQ-style, per Swin unit in
+# forward order: patch embedding, blocks, patch merging), Adam lr 4e-5, 100
+# iterations per unit on the quantizers' scales, batches of 32 (the paper's
+# 32 images).  dfq_adapter = None switches it off.
+dfq_adapter = dict(
+    type='BlockReconstruction', iters=100, lr=4e-5, batch_size=32,
+    params='qparams', seed=0)
