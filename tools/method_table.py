@@ -53,12 +53,13 @@ METHODS = {
 ADAPTATION = {
     'psaq_v2': dict(
         type='PSAQViTV2Rounds', batch_size=8, rounds=2, sample_iters=20,
-        student_step=dict(params='weights', optimizer='adam', lr=1e-4,
-                          iters=20, batch_size=4), seed=0),
+        student_step=dict(params='weights', optimizer='adam', lr=1e-5,
+                          iters=50, batch_size=8), seed=0),
     'mimiq': dict(
         type='MimiQDistill', seed=0,
-        student_step=dict(optimizer='adam', lr=1e-4, iters=20,
-                          batch_size=4)),
+        student_step=dict(optimizer='adam', lr=1e-5, iters=50)),
+    'spdfq': dict(type='BlockReconstruction', iters=100, lr=4e-5,
+                  batch_size=8, seed=0),
 }
 # Methods whose images depend on the bits only through adaptation: their
 # images come from (method's own first cell | another method).

@@ -4,15 +4,17 @@
 #     python tools/run_matrix.py configs/matrix/demo.py --collect \
 #         work_dirs/matrix/demo/collected.json
 # 2 x 6 x 4 x 3 = 144 cells in 36 synthesis groups (each group's first bit
-# setting synthesizes, the other three reuse its images; PSAQ-ViT V2 and
-# MimiQ still adapt per cell).  Cost on 2 CPU cores, from the per-stage
-# timings of tools/method_table.py (README): 36 syntheses x 1.3-3 min, 144
-# evaluations x 0.5-1 min, 48 V2/MimiQ adaptations x 1.5-2.5 min: about
-# 4-6 hours sequentially; with Slurm (tools/slurm_matrix.sh) up to 36 tasks.
+# setting synthesizes, the other three reuse its images; PSAQ-ViT V2, MimiQ
+# and SPDFQ still adapt per cell).  Cost on 2 CPU cores: 36 syntheses x
+# 0.5-3 min, 144 evaluations x 0.2-0.5 min, 72 adaptations x 0.5-2.5 min
+# (V2's two rounds: 2.5 min on the UperNet): about 4-6 hours sequentially;
+# with Slurm (tools/slurm_matrix.sh) up to 36 tasks.
 # The method settings are the demo scale of tools/method_table.py (the
 # configs/_base_/methods fragments hold the full-scale ones); seed and
 # num_images come from the grid axes below.
-_step = dict(optimizer='adam', lr=1e-4, iters=20, batch_size=4)
+# The adapters' budgets are those of the method fragments (student steps
+# Adam 1e-5 x 50); V2 runs 2 rounds of 20 sample iterations (fragment: 4 x
+# 50) at this scale.
 
 configs = [
     'configs/demo/mask_rcnn_swin_demo_w8a8.py',
@@ -31,12 +33,14 @@ methods = dict(
                          synth_rounds=2, iterations=50),
         adapter=dict(_delete_=True, type='PSAQViTV2Rounds', batch_size=8,
                      rounds=2, sample_iters=20,
-                     student_step=dict(params='weights', **_step))),
+                     student_step=dict(params='weights', optimizer='adam',
+                                       lr=1e-5, iters=50, batch_size=8))),
     mimiq=dict(
         synthesizer=dict(_delete_=True, type='MimiQ', batch_size=8,
                          iterations=100),
         adapter=dict(_delete_=True, type='MimiQDistill',
-                     student_step=_step)),
+                     student_step=dict(optimizer='adam', lr=1e-5,
+                                       iters=50))),
     # crops at half the input size (see tools/method_table.py); the
     # paper's block reconstruction at the demo's 8 images
     spdfq=dict(
