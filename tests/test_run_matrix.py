@@ -342,3 +342,20 @@ work_dir = '{{work}}'
     out = json.load(open(tmp_path / 'all.json'))
     assert [c['results']['run_id'] for c in out['cells']] == \
         [r['run_id'] for r in res]
+    # exported cell by cell (what results/ commits), read back as the
+    # collected file, and the leaderboard reads the folder
+    proc = _tool(grid, '--export', str(tmp_path / 'cells'))
+    assert proc.returncode == 0 and 'exported 2 of 2' in proc.stdout
+    assert sorted(os.listdir(tmp_path / 'cells')) == sorted(
+        c['name'] + '.json' for c in cells)
+    back = matrix.load_exported(str(tmp_path / 'cells'))
+    assert back['cells'] == out['cells']
+    board = subprocess.run(
+        [sys.executable, osp.join(REPO, 'tools', 'leaderboard.py'),
+         str(tmp_path / 'cells'), '--out', str(tmp_path / 'board')],
+        capture_output=True, text=True, cwd=REPO)
+    assert board.returncode == 0, board.stderr
+    assert osp.isfile(tmp_path / 'board' / 'leaderboard.md')
+    (tmp_path / 'cells' / 'junk.json').write_text('{}')
+    with pytest.raises(matrix.GridError, match='not an exported'):
+        matrix.load_exported(str(tmp_path / 'cells'))

@@ -22,7 +22,8 @@ if ROOT not in sys.path:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('collected', help='run_matrix.py --collect output')
+    parser.add_argument('collected', help='run_matrix.py --collect output, '
+                        'or a folder of run_matrix.py --export cells')
     parser.add_argument('--published', default=None,
                         help='published results registry (default: '
                         'configs/leaderboard/published.yaml)')
@@ -33,8 +34,12 @@ def main(argv=None):
     from dfq_dense.zoo.published import (PublishedRegistryError,
                                          load_published)
     try:
-        with open(args.collected) as f:
-            collected = json.load(f)
+        if osp.isdir(args.collected):
+            from dfq_dense.report.matrix import load_exported
+            collected = load_exported(args.collected)
+        else:
+            with open(args.collected) as f:
+                collected = json.load(f)
         if not isinstance(collected, dict) or 'cells' not in collected:
             raise ValueError('not a run_matrix.py --collect file')
         entries = load_published(args.published)

@@ -46,14 +46,14 @@ BUDGETS = [
     ('mimiq', 'Adam 1e-5, 50 steps',
      dict(type='MimiQDistill', seed=0, student_step=dict(
          optimizer='adam', lr=1e-5, iters=50))),
-    ('mimiq', 'Adam 1e-4, 20 steps (demo grid)',
+    ('mimiq', 'Adam 1e-4, 20 steps (earlier demo grid)',
      dict(type='MimiQDistill', seed=0, student_step=dict(
          optimizer='adam', lr=1e-4, iters=20,
          batch_size=4))),
     ('psaq_v2', 'student Adam 1e-5, 50 steps per round (fragment)',
      dict(_V2, student_step=dict(params='weights', optimizer='adam',
                                  lr=1e-5, iters=50, batch_size=8))),
-    ('psaq_v2', 'student Adam 1e-4, 20 steps per round (demo grid)',
+    ('psaq_v2', 'student Adam 1e-4, 20 steps per round (earlier demo grid)',
      dict(_V2, student_step=dict(params='weights', optimizer='adam',
                                  lr=1e-4, iters=20, batch_size=4))),
     ('spdfq', 'paper: Adam 4e-5, 100 steps per unit, scales',
@@ -146,7 +146,7 @@ def markdown(results):
                                 for k in keys)
             lines.append(
                 f'| {row["method"]} | {row["budget"]} | '
-                f'{100 * row["weight_codes_changed"]:.2f}% | '
+                f'{100 * row["weight_codes_changed"]:.3f}% | '
                 f'{_loss_text(row)} | {metric} |')
         lines.append('')
     return '\n'.join(lines)

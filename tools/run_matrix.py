@@ -46,13 +46,18 @@ def parse_args(argv=None):
     parser.add_argument('--shard', metavar='i/n',
                         help='only shard i of n (0-based)')
     parser.add_argument('--work-dir', help='overrides the grid\'s work_dir')
+    parser.add_argument('--export', metavar='DIR',
+                        help='write every finished cell as DIR/<cell>.json '
+                        '(what results/ commits; tools/leaderboard.py '
+                        'reads the folder)')
     parser.add_argument('--collect', metavar='OUT.json',
                         help='gather the finished cells into one JSON')
     parser.add_argument('--python', default='python',
                         help='interpreter named in --print (default python)')
     args = parser.parse_args(argv)
-    if not (args.run or args.print or args.list or args.collect):
-        parser.error('give --run, --print, --list or --collect')
+    if not (args.run or args.print or args.list or args.collect or
+            args.export):
+        parser.error('give --run, --print, --list, --collect or --export')
     return args
 
 
@@ -106,6 +111,11 @@ def main(argv=None):
               f'{out["num_cells"]} cell(s) into {args.collect}'
               + (f' ({len(out["missing"])} not finished)'
                  if out['missing'] else ''))
+    if args.export:
+        out = matrix.collect(grid, cells)
+        paths = matrix.export(out, args.export)
+        print(f'[run_matrix] exported {len(paths)} of {out["num_cells"]} '
+              f'cell(s) into {args.export}')
     return code
 
 

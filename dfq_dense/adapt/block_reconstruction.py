@@ -276,8 +276,9 @@ class BlockReconstruction(BaseAdapter):
     float tensors (``input='quantized'``: the student's input and the
     target; ``input='fp'``: the teacher's input, which is also the
     student's, and the target), a shape-changing unit (patch embedding,
-    patch merging) about one more for a moment.  Swin-T at 800x1333, 32 images, stage 0: ``32 x 200*334 x 96``
-    floats = 0.82 GB per tensor.  With ``include_neck`` the backbone
+    patch merging) about one more for a moment.  Swin-T at 800x1333, 32
+    images, stage 0: ``32 x 200*334 x 96`` floats = 0.82 GB per tensor.
+    With ``include_neck`` the backbone
     outputs of both paths are kept until the neck (about twice the stage-0
     size per path).  Forward passes outside the optimisation run in chunks
     of ``batch_size`` images.  ``cache_device='cpu'`` keeps the

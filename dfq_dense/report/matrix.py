@@ -473,6 +473,39 @@ def is_finished(cell, results=None):
         return False
 
 
+def export(collected, out_dir):
+    """Write every cell of ``collected`` (what :func:`collect` returns) as
+    ``<out_dir>/<cell name>.json`` (``{cell, results}``), so that a matrix
+    is committed cell by cell as it finishes; returns the paths written."""
+    from ..utils.fileio import write_json_atomic
+    paths = []
+    for item in collected['cells']:
+        path = osp.join(out_dir, item['cell']['name'] + '.json')
+        write_json_atomic(path, item)
+        paths.append(path)
+    return paths
+
+
+def load_exported(folder):
+    """The cells exported by :func:`export` into ``folder``, as a
+    collected dict (in the grid's cell order); GridError on a file that is
+    not an exported cell."""
+    cells = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith('.json'):
+            continue
+        with open(osp.join(folder, name)) as f:
+            item = json.load(f)
+        if not isinstance(item, dict) or set(item) != {'cell', 'results'} \
+                or item['cell'].get('schema') != SCHEMA:
+            raise GridError(f'{osp.join(folder, name)} is not an exported '
+                            'matrix cell')
+        cells.append(item)
+    cells.sort(key=lambda c: c['cell']['index'])
+    return dict(schema=COLLECT_SCHEMA, grid=None, work_dir=None,
+                num_cells=len(cells), cells=cells, missing=[])
+
+
 def cell_record(cell, load_images=None):
     """What ``cell.json`` holds."""
     return dict(schema=SCHEMA, name=cell['name'], hash=cell['hash'],

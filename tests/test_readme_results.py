@@ -1,0 +1,40 @@
+"""The README's demo result tables are renderings of committed JSON
+(results/demo/...) by the scripts that measured them."""
+import glob
+import json
+import os.path as osp
+import sys
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.join(REPO, 'tools'))
+
+
+def _block(name):
+    with open(osp.join(REPO, 'README.md')) as f:
+        text = f.read()
+    start = text.index(f'<!-- {name}:start -->\n') + len(
+        f'<!-- {name}:start -->\n')
+    return text[start:text.index(f'<!-- {name}:end -->')]
+
+
+def test_student_steps_table_matches_its_json():
+    import measure_student_steps as tool
+    results = []
+    for model in tool.MODELS:  # seg, det: the order the tool writes
+        path = osp.join(REPO, 'results', 'demo', 'student_steps',
+                        f'{model}.json')
+        if osp.isfile(path):
+            with open(path) as f:
+                results.append(json.load(f))
+    assert results, 'results/demo/student_steps/ holds no measurement'
+    assert _block('student-steps') == tool.markdown(results)
+    for res in results:
+        # what makes the figures reproducible is recorded
+        assert res['threads'] >= 1 and res['torch'] and res['git'][0]
+        rows = res['rows']
+        assert {r['method'] for r in rows} == set(tool.IMAGES)
+        for row in rows:
+            assert len(row['checkpoint']) == 64 and row['seed'] == 0
+            assert 0.0 <= row['weight_codes_changed'] <= 1.0
+            if row['adapter'] is None:
+                assert row['weight_codes_changed'] == 0.0
