@@ -10,6 +10,7 @@ rounds are :class:`PSAQViTV2Rounds` (``dfq.adapter``).  The paper's code is
 not public; what this implementation does where the paper leaves a choice
 open is listed in :class:`PSAQViTV2Rounds`.
 """
+import contextlib
 import math
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -23,7 +24,9 @@ from ..synth.base import (JITTER_SHIFTS, bar_update, clamp_to_range,
                           parse_components, progress_bar, roll_flip,
                           warmup_cosine_lr)
 from ..synth.hooks import AttnOutputRecorder
-from ..synth.losses import (GRIDS, TAU_REF_PIXELS, psaq_entropy_loss,
+from ..synth.loop import checkpointed_blocks
+from ..synth.losses import (GRIDS, TAU_REF_PIXELS, kde_chunk_of,
+                            kde_grid_points, psaq_entropy_loss, pse_bounds,
                             tv_prior_loss)
 from .base import BaseAdapter
 from .losses import MEASURES, feature_discrepancy
@@ -172,6 +175,20 @@ class PSAQViTV2Rounds(BaseAdapter):
         tv_weight, tau_range, tau_ref_pixels: V1's TV prior.
         jitter, jitter_shift, flip: V1's augmentation (round 1's jitter),
             used with ``sample_augment``.
+        micro_batch_size: run the sample step's teacher and student
+            forwards and backwards on at most this many images at a time
+            (None: the whole batch).  The same images, as V1's
+            micro-batching (:mod:`~dfq_dense.synth.loop`): the entropy is
+            a mean over images on the batch's KDE grid (a no-grad teacher
+            forward over the micro-batches first), the discrepancy a mean
+            over images, the TV prior taken on the whole batch; with
+            ``balance='grad_norm'`` each term's pixel gradient is gathered
+            over the micro-batches before its per-image rescaling.  Not
+            with ``max_samples``.
+        with_cp: activation checkpointing of the teacher's and the
+            student's Swin blocks in the sample step
+            (:func:`~dfq_dense.synth.loop.checkpointed_blocks`; the same
+            images).
         log_interval: log the sample step every this many iterations.
         progress: show a progress bar.
         device: run the sample step there; default the student's device.
@@ -218,11 +235,27 @@ class PSAQViTV2Rounds(BaseAdapter):
                  jitter: Union[int, Sequence[int]] = (15, 30),
                  jitter_shift: str = 'shared',
                  flip: bool = True,
+                 micro_batch_size: Optional[int] = None,
+                 with_cp: bool = False,
                  log_interval: int = 50,
                  progress: bool = True,
                  device=None):
         super().__init__()
         name = type(self).__name__
+        if micro_batch_size is not None and (
+                isinstance(micro_batch_size, bool)
+                or not isinstance(micro_batch_size, int)
+                or micro_batch_size < 1):
+            raise ValueError(f'{name}: micro_batch_size must be an integer '
+                             f'>= 1 or None, got {micro_batch_size!r}')
+        if not isinstance(with_cp, bool):
+            raise ValueError(f'{name}: with_cp must be True or False, got '
+                             f'{with_cp!r}')
+        if micro_batch_size is not None and max_samples is not None:
+            raise ValueError(f'{name}: micro_batch_size does not work with '
+                             'max_samples; use one of them')
+        self.micro_batch_size = micro_batch_size
+        self.with_cp = with_cp
         self.components = parse_components(name, self.COMPONENTS, components)
         if int(batch_size) < 1:
             raise ValueError(f'{name}: batch_size must be >= 1')
@@ -465,7 +498,9 @@ class PSAQViTV2Rounds(BaseAdapter):
         mods = adapted_modules(teacher, use_neck) + \
             adapted_modules(student, use_neck)
         rec = None
-        with frozen_modules(mods):
+        with frozen_modules(mods), \
+                checkpointed_blocks(get_backbone(teacher), self.with_cp), \
+                checkpointed_blocks(get_backbone(student), self.with_cp):
             try:
                 if comp['entropy']:
                     rec = AttnOutputRecorder(get_backbone(teacher))
@@ -555,14 +590,23 @@ class PSAQViTV2Rounds(BaseAdapter):
         """
         names = [k for k in self.SAMPLE_TERMS
                  if k in terms and terms[k].requires_grad]
-        shares = self.active_shares(names)
+        grads = {}
+        for n, k in enumerate(names):
+            grads[k], = torch.autograd.grad(terms[k], x,
+                                            retain_graph=n < len(names) - 1,
+                                            allow_unused=True)
+        return self.combine_grads(grads, x)
+
+    def combine_grads(self, grads: Dict[str, Optional[torch.Tensor]],
+                      x: torch.Tensor
+                      ) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """:meth:`balanced_grad` from the terms' pixel gradients ``grads``
+        (``{term: dL/dx or None}``, in :attr:`SAMPLE_TERMS` order)."""
+        shares = self.active_shares(list(grads))
         grad = torch.zeros_like(x)
         norms = {}
         scale = math.sqrt(x[0].numel())
-        for n, k in enumerate(names):
-            g, = torch.autograd.grad(terms[k], x,
-                                     retain_graph=n < len(names) - 1,
-                                     allow_unused=True)
+        for k, g in grads.items():
             if g is None:
                 norms[k] = 0.
                 continue
@@ -572,9 +616,27 @@ class PSAQViTV2Rounds(BaseAdapter):
             grad.add_(unit, alpha=shares[k] * scale)
         return grad, norms
 
+    @contextlib.contextmanager
+    def _replaying(self, rec):
+        """With ``with_cp``: the teacher recorder's hooks run in the blocks'
+        recompute during backward, their records dropped."""
+        if rec is None or not self.with_cp:
+            yield
+            return
+        rec.keep = False
+        try:
+            yield
+        finally:
+            rec.keep = True
+            rec.clear()
+
     def _sample_iter(self, teacher, student, x, opt, rec, generator,
                      use_neck, mean, std) -> Dict[str, float]:
         opt.zero_grad(set_to_none=True)
+        m = self.micro_batch_size
+        if m is not None and m < x.shape[0]:
+            return self._sample_iter_micro(teacher, student, x, opt, rec,
+                                           generator, use_neck, mean, std)
         terms, mean_ent = self.sample_terms(teacher, student, x, rec,
                                             generator, use_neck)
         zero = torch.zeros((), device=x.device)
@@ -586,19 +648,153 @@ class PSAQViTV2Rounds(BaseAdapter):
         out = {}
         if self.balance == 'grad_norm':
             if any(t.requires_grad for t in terms.values()):
-                x.grad, norms = self.balanced_grad(terms, x)
+                with self._replaying(rec):
+                    x.grad, norms = self.balanced_grad(terms, x)
                 opt.step()
                 out = {f'gnorm_{k}': v for k, v in norms.items()}
         else:
             total = self.entropy_weight * loss_ent - \
                 self.disc_weight * loss_disc + loss_tv
             if total.requires_grad:
-                total.backward()
+                with self._replaying(rec):
+                    total.backward()
                 opt.step()
         with torch.no_grad():
             x.copy_(clamp_to_range(x, mean, std))
         return dict(loss=loss.item(), loss_entropy=loss_ent.item(),
                     loss_disc=loss_disc.item(), loss_tv=loss_tv.item(),
+                    mean_entropy=mean_ent, **out)
+
+    def _sample_iter_micro(self, teacher, student, x, opt, rec, generator,
+                           use_neck, mean, std) -> Dict[str, float]:
+        """:meth:`_sample_iter` ``micro_batch_size`` images at a time.
+
+        The input (augmented when ``sample_augment``) is made for the whole
+        batch, the TV prior taken on the whole ``x``; the teacher's and
+        student's forwards, the entropy and the discrepancy run per
+        micro-batch, each term's gradient w.r.t. the (detached) input is
+        gathered over the micro-batches (each micro-batch's term is its
+        share of the batch's mean), then taken back to ``x`` and combined
+        as the whole batch's are (:meth:`combine_grads`, or summed with the
+        loss weights when ``balance`` is None).  Draws from ``generator``
+        in the whole batch's order (augmentation, then the TV target).
+        """
+        comp = self.components
+        n, step = int(x.shape[0]), self.micro_batch_size
+        x_in = self.augment(x, generator) if self.sample_augment else x
+        leaf = x_in.detach()
+        t_device = self._device(teacher)
+        chunks = [(i, min(i + step, n)) for i in range(0, n, step)] \
+            if comp['entropy'] or comp['discrepancy'] else []
+        points = None
+        if comp['entropy'] and self.grid == 'batch':
+            bounds = None
+            with torch.no_grad():
+                for i, j in chunks:
+                    rec.clear()
+                    get_backbone(teacher)(leaf[i:j].to(t_device))
+                    b = pse_bounds(rec.records, self.diagonal,
+                                   self.drop_first_token, self.kde_chunk)
+                    rec.clear()
+                    bounds = b if bounds is None else [
+                        (torch.minimum(lo0, lo1), torch.maximum(hi0, hi1))
+                        for (lo0, hi0), (lo1, hi1) in zip(bounds, b)]
+            points = [kde_grid_points(lo, hi, self.num_points)
+                      for lo, hi in bounds]
+        # per term (balance='grad_norm') or of their weighted sum (None):
+        # the gradient w.r.t. the input, gathered over the micro-batches
+        grads: Dict[str, Optional[torch.Tensor]] = {}
+        values = {}
+        ents = None
+        for i, j in chunks:
+            xc = leaf[i:j].detach().requires_grad_(True)
+            terms = {}
+            if rec is not None:
+                rec.clear()
+            t_feats = extract_features(teacher, xc.to(t_device), use_neck)
+            if comp['entropy']:
+                loss_ent, e = psaq_entropy_loss(
+                    rec.records, bandwidth=self.bandwidth,
+                    num_points=self.num_points, return_per_layer=True,
+                    diagonal=self.diagonal, grid=self.grid,
+                    drop_first_token=self.drop_first_token,
+                    chunk=kde_chunk_of(self.kde_chunk, j - i, n, t_device),
+                    points=points, total=n)
+                rec.clear()
+                ents = e if ents is None else ents + e
+                terms['entropy'] = loss_ent.to(x.device)
+            if comp['discrepancy']:
+                s_feats = extract_features(student, xc, use_neck)
+                terms['discrepancy'] = -(feature_discrepancy(
+                    [f.to(x.device) for f in t_feats], s_feats,
+                    self.measure, self.tau, reduction='sum') / n)
+            del t_feats
+            for k, t in terms.items():
+                values[k] = t.detach() if k not in values else \
+                    values[k] + t.detach()
+            if self.balance == 'grad_norm':
+                parts = {k: t for k, t in terms.items() if t.requires_grad}
+            else:  # entropy_weight * L_ent - disc_weight * L_disc
+                total = None
+                if 'entropy' in terms:
+                    total = self.entropy_weight * terms['entropy']
+                if 'discrepancy' in terms:
+                    d = -self.disc_weight * -terms['discrepancy']
+                    total = d if total is None else total + d
+                parts = {} if total is None or not total.requires_grad \
+                    else dict(sum=total)
+            with self._replaying(rec):
+                for q, (k, t) in enumerate(parts.items()):
+                    g, = torch.autograd.grad(
+                        t, xc, retain_graph=q < len(parts) - 1,
+                        allow_unused=True)
+                    if k not in grads:
+                        grads[k] = None
+                    if g is not None:
+                        if grads[k] is None:
+                            grads[k] = torch.zeros_like(leaf)
+                        grads[k][i:j] = g
+        loss_tv = None
+        if comp['tv']:
+            loss_tv = self.tv_prior(x, generator)
+        # back to x: each term's input gradient through the augmentation
+        x_grads = {}
+        for k, g in grads.items():
+            if g is None or x_in is x:
+                x_grads[k] = g
+            else:
+                x_grads[k], = torch.autograd.grad(x_in, x, g,
+                                                  retain_graph=True)
+        zero = torch.zeros((), device=x.device)
+        loss_ent = values.get('entropy', zero)
+        loss_disc = -values['discrepancy'] if 'discrepancy' in values \
+            else zero
+        tv_value = loss_tv.detach() if loss_tv is not None else zero
+        loss = self.entropy_weight * loss_ent - \
+            self.disc_weight * loss_disc + tv_value
+        out = {}
+        if self.balance == 'grad_norm':
+            if loss_tv is not None and loss_tv.requires_grad:
+                x_grads['tv'], = torch.autograd.grad(loss_tv, x)
+            x_grads = {k: x_grads[k] for k in self.SAMPLE_TERMS
+                       if k in x_grads}
+            if x_grads:
+                x.grad, norms = self.combine_grads(x_grads, x)
+                opt.step()
+                out = {f'gnorm_{k}': v for k, v in norms.items()}
+        else:
+            grad = x_grads.get('sum')
+            if loss_tv is not None and loss_tv.requires_grad:
+                g_tv, = torch.autograd.grad(loss_tv, x)
+                grad = g_tv if grad is None else grad + g_tv
+            if grad is not None:
+                x.grad = grad
+                opt.step()
+        with torch.no_grad():
+            x.copy_(clamp_to_range(x, mean, std))
+        mean_ent = ents.mean().item() if ents is not None else 0.
+        return dict(loss=loss.item(), loss_entropy=loss_ent.item(),
+                    loss_disc=loss_disc.item(), loss_tv=tv_value.item(),
                     mean_entropy=mean_ent, **out)
 
     def _log_sample(self, r, b, n_batches, it, lr, terms, hub):

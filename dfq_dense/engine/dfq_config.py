@@ -67,6 +67,7 @@ INT_MIN = {
     'rounds': (0, False), 'sample_iters': (0, False),
     'images_per_round': (1, True), 'iters': (0, False),
     'warmup_iters': (0, True), 'num_patches': (0, False),
+    'micro_batch_size': (1, True),  # None: the whole batch at once
 }
 # Settings that must be > 0 (True: or None).
 POSITIVE = {
@@ -87,6 +88,10 @@ RANGES = {'tau_range': (0.0, True, False), 'tv_tau_range': (0.0, True, True),
           'soft_range': (0.0, True, False),
           'prior_sigma_range': (0.0, False, False)}
 SIZES = ('img_size', 'crop_size')
+# Sizes that may also be a word: SPDFQ's crops at their own pixel size.
+SIZE_WORDS = {'crop_size': ('native', )}
+# Settings that must be True or False.
+BOOLS = ('with_cp', )
 # Why a bound holds, added to the message.
 NOTES = {
     'bandwidth': "PSAQ-ViT's KDE bandwidth; 0 makes every image NaN",
@@ -178,7 +183,16 @@ def _check_setting(key, value, iterative):
             return (f'use (low, high) with {lo} {"<=" if lo_ok else "<"} '
                     'low <= high')
     elif key in SIZES:
-        return _check_size(value)
+        if isinstance(value, str) and value in SIZE_WORDS.get(key, ()):
+            return None
+        why = _check_size(value)
+        if why and key in SIZE_WORDS:
+            why = why.replace('use None,', 'use None, ' + ', '.join(
+                repr(w) for w in SIZE_WORDS[key]) + ',')
+        return why
+    elif key in BOOLS:
+        if not isinstance(value, bool):
+            return 'use True or False'
     elif key == 'jitter':
         values = value if _pair(value) else [value]
         if not all(_is_int(v) and v >= 0 for v in values):
@@ -471,8 +485,8 @@ def assemble_dfq(cfg):
     merges a config into its base (``_delete_=True`` replaces).  A
     ``dfq.synthesizer`` / ``dfq.adapter`` naming another ``type`` than the
     fragment's replaces it, unless the new class is a subclass of the
-    fragment's (see :func:`_switched`).  Also makes the test loop the DFQ loop (a base
-    cannot: mmdet's and mmseg's bases set ``test_cfg``).
+    fragment's (see :func:`_switched`).  Also makes the test loop the DFQ
+    loop (a base cannot: mmdet's and mmseg's bases set ``test_cfg``).
 
     Idempotent; a config without fragment keys is left as it is.  Returns
     ``cfg``.

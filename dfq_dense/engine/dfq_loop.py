@@ -64,7 +64,12 @@ def synthesis_key(synth_cfg, checkpoint_sha256, backbone_cfg):
     """Hash of everything a synthetic image depends on: the method and its
     settings (seed, count, batch size, size), the FP weights and the
     backbone architecture.  Finished batches are reused only under the
-    same key."""
+    same key.  ``with_cp`` is left out: activation checkpointing gives
+    bit-identical images (tests/test_synth_memory.py), so a run may resume
+    with it switched on to fit; ``micro_batch_size`` stays in (it changes
+    the floating-point summation order, so images are equivalent, not
+    identical)."""
+    synth_cfg = {k: v for k, v in dict(synth_cfg).items() if k != 'with_cp'}
     blob = json.dumps(dict(synthesizer=plain(synth_cfg),
                            checkpoint=checkpoint_sha256,
                            backbone=plain(backbone_cfg)), sort_keys=True)

@@ -76,9 +76,25 @@ class RandomProjectionHead:
             self.weight = torch.randn((dim, self.num_classes), generator=g)
         return self.weight.to(device=device, dtype=dtype)
 
-    def __call__(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, feats: Sequence[torch.Tensor], start: int = 0,
+                 total: Optional[int] = None) -> torch.Tensor:
+        """The logits ``(B, K)`` of ``feats`` (``B`` images).
+
+        ``start`` / ``total``: the images are the rows ``start:start + B``
+        of a batch of ``total`` (a micro-batch).  The product with ``W`` is
+        then taken on ``total`` rows (the others zero) and the micro-batch's
+        rows returned: the same numbers, but a BLAS picks its kernel (and
+        its rounding) by the number of rows, so this gives every image the
+        logits, and the gradient, it gets in the whole batch.
+        """
         v = pooled_features(feats)
         w = self._weight(v.shape[-1], v.device, v.dtype)
+        if total is not None and int(total) != v.shape[0]:
+            rows = v.shape[0]
+            pad = v.new_zeros((int(total), v.shape[-1]))
+            v = torch.cat([pad[:start], v, pad[start + rows:]], 0)
+            out = self.logit_scale * (v @ w) / (v.shape[-1] ** 0.5)
+            return out[start:start + rows]
         return self.logit_scale * (v @ w) / (v.shape[-1] ** 0.5)
 
 
@@ -101,6 +117,12 @@ def random_soft_targets(n: int, num_classes: int, generator: torch.Generator,
 
 
 def soft_cross_entropy(logits: torch.Tensor,
-                       targets: torch.Tensor) -> torch.Tensor:
-    """``mean_b(-sum_k targets[b, k] * log_softmax(logits)[b, k])``."""
-    return -(targets.to(logits) * F.log_softmax(logits, -1)).sum(-1).mean()
+                       targets: torch.Tensor,
+                       total: Optional[int] = None) -> torch.Tensor:
+    """``mean_b(-sum_k targets[b, k] * log_softmax(logits)[b, k])``; with
+    ``total`` (the rows of the whole batch, for a micro-batch of it) the
+    sum over the rows divided by ``total`` instead of the mean."""
+    ce = (targets.to(logits) * F.log_softmax(logits, -1)).sum(-1)
+    if total is None:
+        return -ce.mean()
+    return -(ce.sum() / total)

@@ -224,7 +224,11 @@ class SwinAttnRecorder:
     ``i`` is the query and ``j`` the key; ``N`` is ``window_size ** 2``.
     The tensors keep their autograd graph.  Records accumulate across
     forwards; call :meth:`clear` before a forward.  Set ``enabled = False``
-    to run forwards that are not recorded.
+    to run forwards that are not recorded.  Set ``keep = False`` to run the
+    hooks without keeping what they record: the recompute of an
+    activation-checkpointed block (during backward) must run exactly the
+    operations its forward ran, hooks included, but its records are not
+    wanted (see :func:`~dfq_dense.synth.loop.checkpointed_blocks`).
 
     The logits deliberately leave out the relative position bias (a learnt,
     input-independent per-head constant: no gradient to the pixels) and the
@@ -268,6 +272,7 @@ class SwinAttnRecorder:
         self.modules = [(s.name, s.block) for s in self.sites]
         self.num_blocks = len(self.sites)
         self.enabled = True
+        self.keep = True
         self.records: List[Dict] = []
         self._pending: Dict[int, Dict] = {}
         self._mask_cache: Dict[tuple, torch.Tensor] = {}
@@ -366,7 +371,7 @@ class SwinAttnRecorder:
 
         def hook(module, args, output):
             rec = self._pending.pop(idx, None)
-            if rec is None:
+            if rec is None or not self.keep:
                 return
             b_img = rec.pop('b_img')
             valid = rec.pop('valid_win')

@@ -11,7 +11,8 @@ import torch
 __all__ = [
     'window_similarity', 'pair_mask', 'patch_similarity', 'kde',
     'GaussianKDE', 'gaussian_kde', 'kde_entropy', 'pse_entropy',
-    'psaq_entropy_loss', 'total_variation', 'tv_prior_loss', 'scaled_tau'
+    'psaq_entropy_loss', 'total_variation', 'tv_prior_loss', 'scaled_tau',
+    'pse_bounds', 'kde_grid_points', 'kde_chunk_of'
 ]
 
 #: Pixels of the batch the PSAQ-ViT TV target was tuned for (32 x 224 x 224).
@@ -313,14 +314,15 @@ def gaussian_kde(points: torch.Tensor,
     return p.squeeze(0) if one and points.dim() == 1 else p
 
 
-def _kde_grid(samples: torch.Tensor, weights: Optional[torch.Tensor],
-              num_points: int, grid: str,
-              chunk: Union[int, str, None] = 'auto') -> torch.Tensor:
-    """``linspace(min, max, num_points)`` of the (weighted-in) samples.
+def _kde_bounds(samples: torch.Tensor, weights: Optional[torch.Tensor],
+                grid: str, chunk: Union[int, str, None] = 'auto'
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` of the (weighted-in) samples, without gradient.
 
-    ``grid='batch'``: one grid over every row, ``(1, P)``; ``'image'``: one
-    per row, ``(B, P)``.  No gradient (as in PSAQ-ViT).  At least float32.
-    The masked min/max run over the same chunks as the KDE.
+    ``grid='batch'``: over every row, each ``(1, 1)``; ``'image'``: per
+    row, ``(B, 1)``.  At least float32.  The masked min/max run over the
+    same chunks as the KDE; a min/max is exact, so the bounds of a batch
+    are the min/max of the bounds of any split of its rows.
     """
     if grid not in GRIDS:
         raise ValueError(f'grid must be one of {GRIDS}, got {grid!r}')
@@ -345,9 +347,45 @@ def _kde_grid(samples: torch.Tensor, weights: Optional[torch.Tensor],
         hi = torch.cat(his, -1).amax(-1, keepdim=True).to(dtype)
         if grid == 'batch':
             lo, hi = lo.amin(0, keepdim=True), hi.amax(0, keepdim=True)
-        t = torch.linspace(0, 1, int(num_points), device=v.device,
-                           dtype=dtype)
+        return lo, hi
+
+
+def kde_grid_points(lo: torch.Tensor, hi: torch.Tensor,
+                    num_points: int) -> torch.Tensor:
+    """``linspace(lo, hi, num_points)`` per row of ``lo`` / ``hi``
+    (``(R, 1)`` each) -> ``(R, num_points)``, no gradient."""
+    with torch.no_grad():
+        t = torch.linspace(0, 1, int(num_points), device=lo.device,
+                           dtype=lo.dtype)
         return lo + (hi - lo) * t
+
+
+def _kde_grid(samples: torch.Tensor, weights: Optional[torch.Tensor],
+              num_points: int, grid: str,
+              chunk: Union[int, str, None] = 'auto') -> torch.Tensor:
+    """``linspace(min, max, num_points)`` of the (weighted-in) samples.
+
+    ``grid='batch'``: one grid over every row, ``(1, P)``; ``'image'``: one
+    per row, ``(B, P)``.  No gradient (as in PSAQ-ViT).  At least float32.
+    The masked min/max run over the same chunks as the KDE
+    (:func:`_kde_bounds`, then :func:`kde_grid_points`).
+    """
+    lo, hi = _kde_bounds(samples, weights, grid, chunk)
+    return kde_grid_points(lo, hi, num_points)
+
+
+def kde_chunk_of(chunk: Union[int, str, None], rows: int, total_rows: int,
+                 device) -> Union[int, None]:
+    """The ``chunk`` that gives ``rows`` rows the per-row step of
+    ``total_rows`` rows under ``chunk`` (:class:`GaussianKDE` sums its
+    kernel terms in steps of ``chunk // rows`` samples per row, so a row's
+    floating-point sum depends on how many rows share the chunk).  With it
+    a micro-batch of ``rows`` images of a batch of ``total_rows`` sums
+    every image's KDE exactly as the whole batch does."""
+    if chunk is None:
+        return None
+    step = _chunk_len(chunk, total_rows, 1 << 62, device)
+    return step * max(1, int(rows))
 
 
 def _trapezoid_entropy(p: torch.Tensor, points: torch.Tensor,
@@ -405,6 +443,26 @@ def _pad_rows(rows: Sequence[torch.Tensor]):
     return out, keep
 
 
+def _pse_samples(feat: torch.Tensor, valid: Optional[torch.Tensor],
+                 diagonal: bool, drop_first_token: bool,
+                 max_samples: Optional[int],
+                 generator: Optional[torch.Generator]):
+    """``(samples (B, S), weights or None)`` of :func:`pse_entropy`."""
+    if feat.dtype in (torch.float16, torch.bfloat16):
+        feat = feat.float()  # similarities to resolve a bandwidth of 0.01
+    if max_samples is None:
+        B, nW, N, _ = feat.shape
+        samples = window_similarity(feat).reshape(B, nW * N * N)
+        mask = pair_mask(valid, (B, nW, N), diagonal, drop_first_token,
+                         feat.device)
+        weights = None if mask is None else mask.reshape(mask.shape[0], -1)
+        return samples, weights
+    return _pad_rows(
+        patch_similarity(feat, valid, max_samples, generator,
+                         diagonal=diagonal,
+                         drop_first_token=drop_first_token))
+
+
 def pse_entropy(feat: torch.Tensor,
                 valid: Optional[torch.Tensor] = None,
                 bandwidth: float = 0.01,
@@ -415,7 +473,8 @@ def pse_entropy(feat: torch.Tensor,
                 drop_first_token: bool = False,
                 max_samples: Optional[int] = None,
                 generator: Optional[torch.Generator] = None,
-                chunk: Union[int, str, None] = 'auto') -> torch.Tensor:
+                chunk: Union[int, str, None] = 'auto',
+                points: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Patch-similarity entropy of one attention layer, per image ``(B,)``.
 
     Defaults are the official PSAQ-ViT code's conventions:
@@ -448,23 +507,39 @@ def pse_entropy(feat: torch.Tensor,
             entropy stays close but the gradient does not follow the exact
             one at dense resolution.
         chunk: see :class:`GaussianKDE` (numerics only, not a convention).
+
+    ``points`` ``(1, P)`` gives the grid instead of computing it from
+    ``feat`` (``grid`` is then not used): a micro-batch of a larger batch
+    passes the batch's grid (:func:`pse_bounds` of every micro-batch,
+    combined), so that its images' entropies are those of the whole batch.
     """
-    if feat.dtype in (torch.float16, torch.bfloat16):
-        feat = feat.float()  # similarities to resolve a bandwidth of 0.01
-    if max_samples is None:
-        B, nW, N, _ = feat.shape
-        samples = window_similarity(feat).reshape(B, nW * N * N)
-        mask = pair_mask(valid, (B, nW, N), diagonal, drop_first_token,
-                         feat.device)
-        weights = None if mask is None else mask.reshape(mask.shape[0], -1)
-    else:
-        samples, weights = _pad_rows(
-            patch_similarity(feat, valid, max_samples, generator,
-                             diagonal=diagonal,
-                             drop_first_token=drop_first_token))
-    points = _kde_grid(samples, weights, num_points, grid, chunk)
+    samples, weights = _pse_samples(feat, valid, diagonal, drop_first_token,
+                                    max_samples, generator)
+    if points is None:
+        points = _kde_grid(samples, weights, num_points, grid, chunk)
     p = GaussianKDE.apply(samples, points, weights, float(bandwidth), chunk)
     return _trapezoid_entropy(p, points, eps)
+
+
+def pse_bounds(records: Sequence[Dict],
+               diagonal: bool = True,
+               drop_first_token: bool = False,
+               chunk: Union[int, str, None] = 'auto'
+               ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per record (layer), the ``(lo, hi)`` ``(1, 1)`` bounds of the
+    similarities of all its images, without gradient: what
+    :func:`pse_entropy` spans its ``grid='batch'`` KDE grid over.  Bounds
+    of several micro-batches combine exactly (``torch.minimum`` /
+    ``torch.maximum``) into those of their union; :func:`kde_grid_points`
+    turns them into the grid."""
+    out = []
+    with torch.no_grad():
+        for rec in records:
+            samples, weights = _pse_samples(rec['feat'], rec.get('valid'),
+                                            diagonal, drop_first_token, None,
+                                            None)
+            out.append(_kde_bounds(samples, weights, 'batch', chunk))
+    return out
 
 
 def psaq_entropy_loss(records: Sequence[Dict],
@@ -477,7 +552,9 @@ def psaq_entropy_loss(records: Sequence[Dict],
                       grid: str = 'batch',
                       drop_first_token: bool = False,
                       chunk: Union[int, str, None] = 'auto',
-                      eps: float = 1e-4):
+                      eps: float = 1e-4,
+                      points: Optional[Sequence[torch.Tensor]] = None,
+                      total: Optional[int] = None):
     """PSAQ-ViT patch-similarity loss: ``-sum_layers mean_batch H``.
 
     Minimising it maximises the entropy (diversity) of the within-window
@@ -491,6 +568,14 @@ def psaq_entropy_loss(records: Sequence[Dict],
     The behaviour of earlier versions of this function is
     ``diagonal=False, grid='image'`` (with ``max_samples`` as configured).
 
+    Micro-batches.  With ``total`` (the images of the whole batch) the
+    records hold a part of the batch and each layer's term is the *sum* of
+    its images' entropies divided by ``total`` (its share of the batch
+    mean: the shares of the parts add up to the batch's loss); ``points``
+    (one ``(1, P)`` grid per record) then gives the batch's grids
+    (``grid='batch'``), ``chunk`` should be :func:`kde_chunk_of` the
+    batch's.
+
     Args:
         records: output of :class:`~dfq_dense.synth.hooks.AttnOutputRecorder`
             (dicts with ``feat`` ``(B, nW, N, D)`` and ``valid``).
@@ -501,14 +586,18 @@ def psaq_entropy_loss(records: Sequence[Dict],
                          'run inside an AttnOutputRecorder?')
     if grid not in GRIDS:
         raise ValueError(f'grid must be one of {GRIDS}, got {grid!r}')
+    if points is not None and len(points) != len(records):
+        raise ValueError(f'psaq_entropy_loss: {len(points)} grids for '
+                         f'{len(records)} records')
     ents = []
-    for rec in records:
+    for k, rec in enumerate(records):
         h = pse_entropy(rec['feat'], rec.get('valid'), bandwidth, num_points,
                         eps, diagonal=diagonal, grid=grid,
                         drop_first_token=drop_first_token,
                         max_samples=max_samples, generator=generator,
-                        chunk=chunk)
-        ents.append(h.mean())
+                        chunk=chunk,
+                        points=None if points is None else points[k])
+        ents.append(h.mean() if total is None else h.sum() / total)
     ents = torch.stack(ents)
     loss = -ents.sum()
     if return_per_layer:

@@ -21,6 +21,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..registry import MODELS
 from .base import get_backbone, parse_components, roll_flip
@@ -81,7 +82,8 @@ def inter_head_similarity(logits: torch.Tensor,
                           valid: Optional[torch.Tensor] = None,
                           c1: float = SSIM_C1, c2: float = SSIM_C2,
                           eps: float = 1e-8,
-                          pairs: str = 'all') -> torch.Tensor:
+                          pairs: str = 'all',
+                          total: Optional[int] = None) -> torch.Tensor:
     """MimiQ inter-head similarity loss of one attention layer.
 
     For every (image, window, query, head) the logits over the *valid* keys
@@ -104,6 +106,10 @@ def inter_head_similarity(logits: torch.Tensor,
             e.g. :class:`~dfq_dense.synth.qk_hooks.AttnLogitsRecorder`'s
             ``logits``.
         valid: ``(B, nW, N)`` bool, False for padding tokens; None = all.
+        total: the images of the whole batch when ``logits`` hold a
+            micro-batch of it: the sum over the micro-batch is divided by
+            the valid queries of ``total`` images (its share of the batch's
+            mean; the valid queries are the same for every image).
 
     Returns:
         scalar in ``[0, 1]``; 0 when all heads are identical.  0 (with a
@@ -149,7 +155,10 @@ def inter_head_similarity(logits: torch.Tensor,
         (mu_i * mu_i + mu_j * mu_j + c1) * (var[..., i] + var[..., j] + c2))
     per_query = (1. - ssim * ssim).mean(-1)  # (B, nW, N)
     qw = valid.to(x.dtype)
-    return (per_query * qw).sum() / qw.sum().clamp_min(1.)
+    count = qw.sum()
+    if total is not None:  # the valid queries of `total` images
+        count = count / B * int(total)
+    return (per_query * qw).sum() / count.clamp_min(1.)
 
 
 def _layers(logits, valid):
@@ -171,7 +180,9 @@ def _layers(logits, valid):
 def inter_head_similarity_loss(logits, valid=None, c1: float = SSIM_C1,
                                c2: float = SSIM_C2, eps: float = 1e-8,
                                return_per_layer: bool = False,
-                               pairs: str = 'all'):
+                               pairs: str = 'all',
+                               total: Optional[int] = None,
+                               recompute: bool = False):
     """MimiQ inter-head attention similarity loss, mean over layers.
 
     Args:
@@ -184,6 +195,12 @@ def inter_head_similarity_loss(logits, valid=None, c1: float = SSIM_C1,
         return_per_layer: also return the ``(L,)`` detached per-layer losses.
         pairs: ``'all'`` (H x H, diagonal included, released form) or
             ``'distinct'`` (i < j).
+        total: the images of the whole batch when the logits hold a
+            micro-batch (see :func:`inter_head_similarity`).
+        recompute: compute each layer under non-reentrant activation
+            checkpointing: its backward recomputes the SSIM statistics
+            instead of keeping them (about 7 tensors of the logits' size per
+            layer), the same numbers.
 
     See :func:`inter_head_similarity` for the per-layer definition.
     """
@@ -191,10 +208,20 @@ def inter_head_similarity_loss(logits, valid=None, c1: float = SSIM_C1,
     if len(layers) == 0:
         raise ValueError('inter_head_similarity_loss got no logits: was the '
                          'backbone run inside an AttnLogitsRecorder?')
-    per_layer = torch.stack([
-        inter_head_similarity(lg, v, c1=c1, c2=c2, eps=eps, pairs=pairs)
-        for lg, v in layers
-    ])
+    if recompute:
+        per_layer = torch.stack([
+            checkpoint(inter_head_similarity, lg, v, c1, c2, eps, pairs,
+                       total, use_reentrant=False, preserve_rng_state=False)
+            if lg.requires_grad else
+            inter_head_similarity(lg, v, c1, c2, eps, pairs, total)
+            for lg, v in layers
+        ])
+    else:
+        per_layer = torch.stack([
+            inter_head_similarity(lg, v, c1=c1, c2=c2, eps=eps, pairs=pairs,
+                                  total=total)
+            for lg, v in layers
+        ])
     loss = per_layer.mean()
     if return_per_layer:
         return loss, per_layer.detach()
@@ -274,6 +301,19 @@ class MimiQ(PixelSynthesizer):
             :func:`inter_head_similarity`): ``'all'`` (H x H with the
             diagonal, as released, default) or ``'distinct'`` (i < j, the
             behaviour of earlier versions).
+        micro_batch_size: forward / backpropagate this many images at a
+            time (see :mod:`~dfq_dense.synth.loop`); the same images: the
+            head similarity and the pseudo-label CE are means over images
+            (each micro-batch adds its images' sum over the batch's
+            count), the augmentation (roll, flip, colour jitter, noise) is
+            drawn for the whole batch as before, and the TV term, whose
+            Frobenius norms couple the images, is taken on the whole
+            batch (pixels only).  MimiQ's random labels are drawn once per
+            batch, before the iterations.
+        with_cp: activation checkpointing of the backbone's Swin blocks and
+            of the head similarity of every layer (its SSIM statistics,
+            several tensors of the size of the logits per layer, are
+            recomputed in backward instead of kept): the same images.
 
     MimiQ's distillation of the quantized student (head-wise structural
     attention distillation) changes the student, not the images: it is the
@@ -309,13 +349,16 @@ class MimiQ(PixelSynthesizer):
                  ssim_c1: float = SSIM_C1,
                  ssim_c2: float = SSIM_C2,
                  head_pairs: str = 'all',
+                 micro_batch_size: Optional[int] = None,
+                 with_cp: bool = False,
                  log_interval: int = 50,
                  progress: bool = True,
                  device=None):
         super().__init__(num_images=num_images, batch_size=batch_size,
                          img_size=img_size, iterations=iterations, seed=seed,
                          log_interval=log_interval, progress=progress,
-                         device=device)
+                         device=device, micro_batch_size=micro_batch_size,
+                         with_cp=with_cp)
         self.components = parse_components('MimiQ', self.COMPONENTS,
                                            components)
         self.lr = float(lr)
@@ -435,7 +478,7 @@ class MimiQ(PixelSynthesizer):
         if state.recorder is not None:
             terms['head_sim'] = inter_head_similarity_loss(
                 state.recorder.records, c1=self.ssim_c1, c2=self.ssim_c2,
-                pairs=self.head_pairs)
+                pairs=self.head_pairs, recompute=self.with_cp)
         if self.components['pseudo_label']:
             if isinstance(feats, torch.Tensor):
                 feats = (feats, )
@@ -443,3 +486,27 @@ class MimiQ(PixelSynthesizer):
         if self.components['tv']:
             terms['tv'] = self.tv_loss(state.x, state.generator)
         return terms
+
+    # --------------------------------------------------- micro-batching
+    def chunk_terms(self, state, p, inputs, feats, mb):
+        """The micro-batch's shares of the head similarity and of the
+        pseudo-label CE (sums over its images over the batch's count)."""
+        terms = {}
+        if state.recorder is not None:
+            terms['head_sim'] = inter_head_similarity_loss(
+                state.recorder.records, c1=self.ssim_c1, c2=self.ssim_c2,
+                pairs=self.head_pairs, total=mb.total,
+                recompute=self.with_cp)
+        if self.components['pseudo_label']:
+            if isinstance(feats, torch.Tensor):
+                feats = (feats, )
+            terms['ce'] = F.cross_entropy(
+                self.head(feats, mb.start, mb.total),
+                state.targets[mb.index], reduction='sum') / mb.total
+        return terms
+
+    def pixel_terms(self, state, p, inputs):
+        """The TV term, on the whole un-augmented batch."""
+        if self.components['tv']:
+            return dict(tv=self.tv_loss(state.x, state.generator))
+        return {}

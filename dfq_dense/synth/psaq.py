@@ -13,7 +13,8 @@ import torch
 from ..registry import MODELS
 from .base import PixelAdamMixin, get_backbone
 from .hooks import AttnOutputRecorder
-from .losses import GRIDS, TAU_REF_PIXELS, psaq_entropy_loss
+from .losses import (GRIDS, TAU_REF_PIXELS, kde_chunk_of, kde_grid_points,
+                     psaq_entropy_loss, pse_bounds)
 from .loop import PixelSynthesizer
 
 
@@ -95,6 +96,22 @@ class PSAQViT(PixelAdamMixin, PixelSynthesizer):
 
     The behaviour of earlier versions is ``diagonal=False, grid='image',
     max_samples=100000``.
+
+    Memory (see :mod:`~dfq_dense.synth.loop`):
+
+        micro_batch_size: forward / backpropagate this many images at a
+            time.  The images are those of the whole batch: the entropy is
+            a mean over images (each micro-batch contributes the sum of its
+            images' entropies divided by the batch size), its KDE grid
+            (``grid='batch'``: min..max of each layer's similarities over
+            the *whole* batch) is computed first by a forward without
+            gradient over the micro-batches (one extra no-grad forward per
+            iteration, about a third more compute), and the TV prior
+            ``|TV(x_aug) - tau|``, whose Frobenius norms and sign couple
+            all images, is taken on the whole jittered batch (pixels only,
+            no backbone).  Not with ``max_samples`` (its subsample draws
+            would come in another order).
+        with_cp: activation checkpointing of the backbone's Swin blocks.
     """
 
     #: The schedule of earlier versions (see the class docstring).
@@ -128,13 +145,16 @@ class PSAQViT(PixelAdamMixin, PixelSynthesizer):
                  grid: str = 'batch',
                  drop_first_token: bool = False,
                  kde_chunk: Union[int, str, None] = 'auto',
+                 micro_batch_size: Optional[int] = None,
+                 with_cp: bool = False,
                  log_interval: int = 50,
                  progress: bool = True,
                  device=None):
         super().__init__(num_images=num_images, batch_size=batch_size,
                          img_size=img_size, iterations=iterations, seed=seed,
                          log_interval=log_interval, progress=progress,
-                         device=device)
+                         device=device, micro_batch_size=micro_batch_size,
+                         with_cp=with_cp)
         self._init_pixel_adam(lr, betas, warmup_iters, jitter, flip,
                               tv_weight, tau_range, tau_ref_pixels,
                               synth_rounds=synth_rounds,
@@ -151,6 +171,10 @@ class PSAQViT(PixelAdamMixin, PixelSynthesizer):
         self.grid = grid
         self.drop_first_token = bool(drop_first_token)
         self.kde_chunk = kde_chunk
+        if micro_batch_size is not None and max_samples is not None:
+            raise ValueError(f'{type(self).__name__}: micro_batch_size does '
+                             'not work with max_samples (the subsample '
+                             'draws would change order); use one of them')
 
     def entropy_loss(self, records, generator):
         """``(loss, per-layer entropies)`` of
@@ -194,3 +218,48 @@ class PSAQViT(PixelAdamMixin, PixelSynthesizer):
         loss_tv = self.tv_prior(self.tv_input(state.x, inputs),
                                 state.generator, state.tau)
         return dict(entropy=loss_ent, tv=loss_tv)
+
+    # --------------------------------------------------- micro-batching
+    def prepare_chunks(self, state, p, chunks):
+        """``grid='batch'``: each layer's KDE grid over the whole batch,
+        from a forward without gradient of every micro-batch (min / max of
+        the similarities combine exactly)."""
+        state.pse_points = None
+        state.ent_acc = None
+        if self.grid != 'batch':
+            return
+        rec = state.recorder
+        bounds = None
+        with torch.no_grad():
+            for inputs, _ in chunks:
+                rec.clear()
+                state.backbone(inputs)
+                b = pse_bounds(rec.records, self.diagonal,
+                               self.drop_first_token, self.kde_chunk)
+                rec.clear()
+                bounds = b if bounds is None else [
+                    (torch.minimum(lo0, lo1), torch.maximum(hi0, hi1))
+                    for (lo0, hi0), (lo1, hi1) in zip(bounds, b)]
+        state.pse_points = [kde_grid_points(lo, hi, self.num_points)
+                            for lo, hi in bounds]
+
+    def chunk_terms(self, state, p, inputs, feats, mb):
+        """The micro-batch's share of the entropy term (the sum of its
+        images' entropies over the batch size, on the batch's grids)."""
+        records = state.recorder.records
+        chunk = kde_chunk_of(self.kde_chunk, mb.stop - mb.start, mb.total,
+                             inputs.device)
+        loss_ent, ents = psaq_entropy_loss(
+            records, bandwidth=self.bandwidth, num_points=self.num_points,
+            return_per_layer=True, diagonal=self.diagonal, grid=self.grid,
+            drop_first_token=self.drop_first_token, chunk=chunk,
+            points=state.pse_points, total=mb.total)
+        state.ent_acc = ents if state.ent_acc is None else \
+            state.ent_acc + ents
+        state.logs['mean_entropy'] = state.ent_acc.mean()
+        return dict(entropy=loss_ent)
+
+    def pixel_terms(self, state, p, inputs):
+        """The TV prior on the whole (jittered) batch."""
+        return dict(tv=self.tv_prior(self.tv_input(state.x, inputs),
+                                     state.generator, state.tau))

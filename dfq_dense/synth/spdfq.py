@@ -8,9 +8,11 @@ SPDFQ optimises the synthetic pixels with three terms:
   :func:`attention_prior_alignment_loss`);
   the post-softmax attention is recorded by :class:`AttnProbRecorder`.
 * **Multi-Semantic Reinforcement (MSR)**: a few non-overlapping regions of
-  every image are cropped, resized to the input size and optimised with
-  their own targets (:func:`msr_regions`, :func:`crop_and_resize`,
-  :func:`msr_crops`), so each region carries its own semantics.
+  every image are cropped, resized to the input size (the paper's form;
+  ``crop_size='native'`` keeps each crop at its own pixel size, the dense
+  setting of this suite's method fragment) and optimised with their own
+  targets (:func:`msr_regions`, :func:`crop_and_resize`, :func:`msr_crops`),
+  so each region carries its own semantics.
 * **Soft-label learning (SL)**: soft targets ``softmax(Z)``, ``Z``'s target
   entry ``~ U(5, 10)``, with a soft cross-entropy per image and per crop.
 
@@ -33,7 +35,7 @@ from .losses import TAU_REF_PIXELS
 __all__ = [
     'AttnProbRecorder', 'gaussian_mixture_prior',
     'attention_prior_alignment_loss', 'msr_regions', 'crop_and_resize',
-    'msr_crops', 'SPDFQ'
+    'msr_crops', 'native_crops', 'SPDFQ'
 ]
 
 
@@ -131,7 +133,8 @@ def attention_prior_alignment_loss(records: Sequence[Dict],
                                    deeper_half: bool = True,
                                    depth_weight: bool = True,
                                    return_per_block: bool = False,
-                                   heads: str = 'sum'):
+                                   heads: str = 'sum',
+                                   batch_total: Optional[int] = None):
     """APA loss of SPDFQ for Swin window attention.
 
     For a block of depth ``l`` (``records[i]['depth']``, 1..L over all blocks
@@ -173,6 +176,10 @@ def attention_prior_alignment_loss(records: Sequence[Dict],
         return_per_block: also return ``{l: detached L_l}`` (the block's
             loss before the depth weight).
         heads: ``'sum'`` (paper) or ``'mean'`` over the heads of a block.
+        batch_total: the images of the whole batch when the records hold
+            a micro-batch of it: ``L_{l,h}`` is then the micro-batch's sum
+            over images and windows divided by ``batch_total`` images'
+            windows (its share of the batch's mean).
 
     Returns:
         scalar loss (and the per-block dict).
@@ -216,7 +223,10 @@ def attention_prior_alignment_loss(records: Sequence[Dict],
         # 3. MSE over the valid keys in uniform-density units
         nk = vk.sum(-1, keepdim=True).clamp_min(1)  # (B, nW, 1, 1)
         err = ((nk * (a - p))**2 * vk).sum(-1) / nk[..., 0]  # (B, nW, H)
-        per_head = err.mean((0, 1))  # L_{l,h}, (H,)
+        if batch_total is None:
+            per_head = err.mean((0, 1))  # L_{l,h}, (H,)
+        else:  # a micro-batch's share of the batch's mean
+            per_head = err.sum((0, 1)) / (nW * int(batch_total))
         block = per_head.sum() if heads == 'sum' else per_head.mean()
         per_block[l] = block.detach()
         wgt = l / L if depth_weight else 1.0
@@ -309,6 +319,31 @@ def msr_regions(n: int,
     return boxes
 
 
+#: ``crop_size`` that keeps every MSR crop at its own pixel size.
+NATIVE = 'native'
+
+
+def native_crops(x: torch.Tensor, boxes: torch.Tensor
+                 ) -> Tuple[List[torch.Tensor], List[int]]:
+    """The ``boxes`` (``(M, 5)``, see :func:`msr_regions`) of ``x`` at their
+    own pixel size (no resampling), grouped by size: ``(groups, order)``,
+    ``groups[g]`` ``(M_g, C, h_g, w_g)`` the crops of one size in box
+    order, the groups in the order their size first occurs, ``order`` the
+    box index of every crop of the concatenated groups.  A crop is a slice
+    of ``x``: its gradient is that of its region."""
+    sizes: Dict[Tuple[int, int], List[int]] = {}
+    rows = boxes.tolist()
+    for i, (_, y0, y1, x0, x1) in enumerate(rows):
+        sizes.setdefault((y1 - y0, x1 - x0), []).append(i)
+    groups, order = [], []
+    for idx in sizes.values():
+        groups.append(torch.cat([
+            x[rows[i][0]:rows[i][0] + 1, :, rows[i][1]:rows[i][2],
+              rows[i][3]:rows[i][4]] for i in idx], 0))
+        order.extend(idx)
+    return groups, order
+
+
 def crop_and_resize(x: torch.Tensor, boxes: torch.Tensor,
                     size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Crop ``boxes`` (``(M, 5)``, see :func:`msr_regions`) out of ``x``
@@ -376,8 +411,9 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
        with ``count='random'``, the paper's "m in {1, ..., K_MSR}" with
        K_MSR = 4: cells of a 2x2 grid with per-image jittered cut lines),
        cropped from the *un-augmented* ``x`` and resized (bilinear) to
-       ``crop_size`` (default the input size, as in the paper), then given
-       their own random roll / flip; each region's target is that of its
+       ``crop_size`` (default None: the input size, as in the paper;
+       ``'native'``: not resized, see below), then given one random roll /
+       flip (the same for all crops); each region's target is that of its
        image and grid cell;
        ``L_SL_crops = soft_cross_entropy(head(backbone(crops)), region
        targets)``; backward (a second forward, not recorded, so the peak
@@ -418,6 +454,20 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
     * Prior maps: centres uniform in the window, isotropic sigma
       ``U(prior_sigma_range) * window side``, weights ``U(0.1, 1)``; drawn
       once per synthesized batch.
+    * MSR crop size: the paper (ImageNet classifiers at 224x224) resizes
+      every patch to the network's input size, which a classifier with a
+      fixed input size needs; what MSR asks is that each patch, fed to the
+      network as an image of its own, carries its own target.  A dense
+      backbone takes any size, and at 800x1333 "the input size" makes each
+      crop (a quarter of the image) a full-size forward, up to 4 per image,
+      upsampled about 2x.  ``crop_size='native'`` (the method fragment's
+      setting) forwards each crop at its own pixel size instead: the
+      region's content at the scale it has in the image, no resampling,
+      and the crops of an image together cost at most one forward of the
+      image.  Crops of one size are forwarded together, crops of different
+      sizes one size at a time (the 2x2 cut lines are jittered per image,
+      so the sizes mostly differ).  ``crop_size=None`` keeps the paper's
+      resize to the input size, an int or ``(h, w)`` a fixed size.
     * MSR regions: the paper draws m in {1..4} non-overlapping patches but
       does not say where; here they are cells of a 2x2 grid with per-image
       jittered cut lines (redrawn every iteration), one target per image
@@ -447,7 +497,10 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
         lr, betas, warmup_iters, jitter, flip: optimiser and augmentation.
         apa_weight: alpha, the weight of ``L_APA``.
         num_components, prior_sigma_range: prior maps.
-        num_patches, msr_grid, msr_split_jitter, crop_size: MSR regions.
+        num_patches, msr_grid, msr_split_jitter: MSR regions.
+        crop_size: size the MSR crops are forwarded at: None (the input
+            size, the paper's), ``'native'`` (each crop's own size, no
+            resampling) or an int / ``(h, w)``.
         msr_count: ``'random'`` (m ~ U{1..K} per image and iteration,
             paper) or ``'fixed'`` (K per image, fixed for the batch).
         apa_heads: ``'sum'`` (paper) or ``'mean'`` over the heads.
@@ -455,6 +508,14 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
         label_weight: weight of ``L_SL`` (1.0).
         tv_weight, tau_range, tau_ref_pixels: TV prior.
         components: the ablation switches above.
+        micro_batch_size: forward / backpropagate at most this many images
+            of the images pass, and this many crops of the crops pass, at a
+            time (see :mod:`~dfq_dense.synth.loop`); the same images: APA
+            and the soft CEs are means over images / crops (each
+            micro-batch adds its sum over the batch's count), regions and
+            targets are drawn for the whole batch as before, and the TV
+            prior is its own pass on the whole batch.
+        with_cp: activation checkpointing of the backbone's Swin blocks.
     """
 
     COMPONENTS = ('apa', 'msr', 'soft_label', 'tv')
@@ -487,13 +548,16 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
                  tau_range: Tuple[float, float] = (2500., 3000.),
                  tau_ref_pixels: int = TAU_REF_PIXELS,
                  components: Optional[dict] = None,
+                 micro_batch_size: Optional[int] = None,
+                 with_cp: bool = False,
                  log_interval: int = 50,
                  progress: bool = True,
                  device=None):
         super().__init__(num_images=num_images, batch_size=batch_size,
                          img_size=img_size, iterations=iterations, seed=seed,
                          log_interval=log_interval, progress=progress,
-                         device=device)
+                         device=device, micro_batch_size=micro_batch_size,
+                         with_cp=with_cp)
         comps = dict(components or {})
         unknown = sorted(set(comps) - set(self.COMPONENTS))
         if unknown:
@@ -510,8 +574,13 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
         self.num_patches = int(num_patches)
         self.msr_grid = tuple(int(g) for g in msr_grid)
         self.msr_split_jitter = float(msr_split_jitter)
-        self.crop_size = (None if crop_size is None else
-                          self._hw(crop_size))
+        if crop_size is None or crop_size == NATIVE:
+            self.crop_size = crop_size
+        elif isinstance(crop_size, str):
+            raise ValueError(f"SPDFQ: crop_size must be None, 'native', an "
+                             f'int or (h, w), got {crop_size!r}')
+        else:
+            self.crop_size = self._hw(crop_size)
         if msr_count not in MSR_COUNTS:
             raise ValueError(f'SPDFQ: msr_count must be one of {MSR_COUNTS}'
                              f', got {msr_count!r}')
@@ -617,8 +686,26 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
         if self.msr_count == 'random':
             boxes, state.crop_targets_it = self._random_regions(
                 state.n, state.hw, state.generator, state.cell_targets)
+        if self.crop_size == NATIVE:
+            return self._native_crop_input(state, boxes)
         crops = crop_and_resize(state.x, boxes, self.crop_size)
         return self.augment(crops, state.generator)
+
+    def _native_crop_input(self, state, boxes):
+        """The crops at their own size, grouped by size (a list: the loop
+        forwards each group on its own), each group given the same roll /
+        flip, drawn once (the draws of one :meth:`augment` call); the
+        targets follow the crops' new order."""
+        groups, order = native_crops(state.x, boxes)
+        state.crop_targets_it = state.crop_targets_it[
+            torch.as_tensor(order, device=state.crop_targets_it.device)]
+        gen = state.generator
+        start = gen.get_state()
+        out = []
+        for crops in groups:
+            gen.set_state(start)
+            out.append(self.augment(crops, gen))
+        return out
 
     def loss_terms(self, state, p, inputs, feats):
         if p.name == 'tv':
@@ -640,6 +727,27 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
             terms['sl_img'] = loss_img
         return terms
 
+    # --------------------------------------------------- micro-batching
+    def chunk_terms(self, state, p, inputs, feats, mb):
+        """The micro-batch's shares of the pass's terms (sums over its
+        images / crops over the pass's count), in :meth:`loss_terms`'
+        order."""
+        if p.name == 'crops':
+            return dict(sl_crops=self._label_loss(
+                feats, state.crop_targets_it[mb.index], mb))
+        terms = {}
+        loss_img = None
+        if self.label_weight != 0:
+            loss_img = self._label_loss(feats, state.img_targets[mb.index],
+                                        mb)
+        if self.components['apa']:
+            terms['apa'] = attention_prior_alignment_loss(
+                state.recorder.records, state.priors, heads=self.apa_heads,
+                batch_total=mb.total)
+        if loss_img is not None:
+            terms['sl_img'] = loss_img
+        return terms
+
     def log_values(self, terms, total):
         """``loss = apa_weight * L_APA + label_weight * (L_SL_img +
         L_SL_crops) + L_TV`` and its terms, ``loss_sl`` the sum of the two
@@ -655,7 +763,12 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
                     loss_sl=sl.item(), loss_sl_img=img.item(),
                     loss_sl_crops=crop.item(), loss_tv=tv.item())
 
-    def _label_loss(self, feats, targets):
+    def _label_loss(self, feats, targets, mb=None):
+        """Soft CE of the images / crops ``feats``; with ``mb`` (a
+        micro-batch) its share of the pass's mean."""
         if isinstance(feats, torch.Tensor):
             feats = [feats]
-        return soft_cross_entropy(self.head(list(feats)), targets)
+        if mb is None:
+            return soft_cross_entropy(self.head(list(feats)), targets)
+        return soft_cross_entropy(self.head(list(feats), mb.start, mb.total),
+                                  targets, mb.total)

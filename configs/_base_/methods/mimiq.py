@@ -22,6 +22,14 @@ dfq_synthesizer = dict(
     img_size=None,  # None: the model's test scale (800x1333 COCO, 512 ADE)
     components=dict(head_similarity=True, pseudo_label=True, tv=True),
     seed=0)
+# Memory (the same images; see dfq_dense/synth/loop.py).  Swin-S at 800x1333
+# keeps ~6 GB per image (mostly the head similarity's SSIM statistics on the
+# q.k logits of every block; batch 16: ~100 GB).  with_cp=True checkpoints
+# the Swin blocks and recomputes the SSIM statistics in backward (~2 GB per
+# image, +~30% time, bit-identical images); for 16 GB add with_cp=True and
+# micro_batch_size=4 (4 images per forward, the one AdamW step on the
+# batch; same images to float rounding).  Defaults: micro_batch_size=None
+# (the whole batch), with_cp=False.
 # MimiQ's distillation (its QAT part) of the calibrated student.  The
 # released optimiser (SGD Nesterov lr 1e-6, weight decay 1e-4: the class
 # defaults, `student_step=dict(optimizer='sgd', lr=1e-6)` here) leaves the

@@ -21,5 +21,12 @@ dfq_synthesizer = dict(
     tv_on='augmented',
     img_size=None,  # None: the model's test scale (800x1333 COCO, 512 ADE)
     seed=0)
+# Memory (the same images; see dfq_dense/synth/loop.py).  Swin-S at 800x1333
+# keeps ~3 GB of activations per image (batch 8: ~25 GB).  For 16 GB add
+# with_cp=True (activation checkpointing of the frozen Swin blocks: ~1.5 GB
+# per image, +~30% time, bit-identical images) and micro_batch_size=4 (4
+# images per forward, the one Adam step on the batch; +1 no-grad forward per
+# iteration for the batch-wide KDE grid; same images to float rounding).
+# Defaults: micro_batch_size=None (the whole batch), with_cp=False.
 # Synthesis only: the calibrated student is evaluated as it is.
 dfq_adapter = None

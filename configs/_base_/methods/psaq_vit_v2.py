@@ -13,6 +13,8 @@ dfq_synthesizer = dict(
     iterations=500,  # V1 iterations per round of the initial images (2 rounds)
     img_size=None,
     seed=0)
+# Memory of the V1 synthesis (see psaq_vit.py): for 800x1333 in 16 GB add
+# with_cp=True, micro_batch_size=4 to dfq_synthesizer.
 # The rounds change the student (and the images): the (adapt) stage.  Its
 # patch-similarity entropy and TV prior take V1's settings by the same names
 # (bandwidth, tv_weight, ...; defaults as PSAQViT's): set them here too when
@@ -35,3 +37,7 @@ dfq_adapter = dict(
     student_step=dict(params='weights', optimizer='adam', lr=1e-5, iters=50,
                       batch_size=8),
     seed=0)
+# Memory of the sample step (teacher and student forwards and backwards;
+# the same images, see PSAQViTV2Rounds): Swin-S at 800x1333 keeps ~10 GB
+# per image, ~4 GB with with_cp=True; for 16 GB add with_cp=True,
+# micro_batch_size=2 to dfq_adapter.
