@@ -8,6 +8,8 @@ Runner, on the CPU) and checks, each failure one line:
   attention hooks need a Swin backbone);
 * that the synthetic image size is not too small for the backbone
   (:func:`check_image_size`);
+* whether the synthesis fits the memory available (one warning line with
+  the settings that fit: :mod:`dfq_dense.engine.memory`);
 * that the checkpoint fits the model, strictly
   (:func:`dfq_dense.utils.checkpoint.load_checkpoint_strict`).
 
@@ -212,5 +214,14 @@ def check_model_inputs(cfg, dfq, checkpoint, images=None):
             what = 'dfq.load_images' if images is not None else \
                 'dfq.synthesizer'
             raise DFQConfigError(f'{what}: {err}') from None
+        if images is None:
+            # Will the synthesis fit?  Said in one line before it starts.
+            import torch
+
+            from .memory import check_synthesis_memory
+            hw = (size, size) if isinstance(size, int) else tuple(size)
+            check_synthesis_memory(
+                model, synth, hw,
+                'cuda' if torch.cuda.is_available() else 'cpu')
     load_checkpoint_strict(model, checkpoint)
     del model
