@@ -38,3 +38,40 @@ def test_student_steps_table_matches_its_json():
             assert 0.0 <= row['weight_codes_changed'] <= 1.0
             if row['adapter'] is None:
                 assert row['weight_codes_changed'] == 0.0
+
+
+def test_demo_leaderboard_matches_the_committed_cells():
+    """The README's demo leaderboard is tools/leaderboard.py --readme of
+    the committed matrix cells (results/demo/matrix/)."""
+    from dfq_dense.report import leaderboard, matrix
+    from dfq_dense.zoo.published import load_published
+    folder = osp.join(REPO, 'results', 'demo', 'matrix')
+    collected = matrix.load_exported(folder)
+    assert collected['cells'], 'no committed matrix cells'
+    board = leaderboard.build(collected, load_published())
+    assert _block('demo-leaderboard') == leaderboard.compact_markdown(board)
+    grid = matrix.load_grid(osp.join(REPO, 'configs', 'matrix', 'demo.py'))
+    hashes = {c['hash'] for c in matrix.expand(grid)}
+    for item in collected['cells']:
+        # every committed cell is a cell of the demo grid, with what makes
+        # it reproducible
+        assert item['cell']['hash'] in hashes
+        res = item['results']
+        assert len(res['checkpoint']['sha256']) == 64
+        assert res['threads'] >= 1 and res['versions']['torch']
+        assert res['cell']['hash'] == item['cell']['hash']
+    assert len(glob.glob(osp.join(folder, '*.json'))) == \
+        len(collected['cells'])
+
+
+def test_demo_leaderboard_against_the_earlier_table():
+    from dfq_dense.report import leaderboard, matrix
+    from dfq_dense.zoo.published import load_published
+    board = leaderboard.build(
+        matrix.load_exported(osp.join(REPO, 'results', 'demo', 'matrix')),
+        load_published())
+    with open(osp.join(REPO, 'results', 'demo', 'earlier',
+                       'method_table_5198c7d.json')) as f:
+        earlier = json.load(f)
+    assert _block('demo-leaderboard-earlier') == \
+        leaderboard.comparison_markdown(board, earlier)

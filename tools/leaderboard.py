@@ -28,6 +28,14 @@ def main(argv=None):
                         help='published results registry (default: '
                         'configs/leaderboard/published.yaml)')
     parser.add_argument('--out', required=True, help='output folder')
+    parser.add_argument('--earlier', metavar='JSON',
+                        help='with --readme: an earlier method-table record '
+                        '(results/demo/earlier/) written beside the board '
+                        'into README section SECTION-earlier')
+    parser.add_argument('--readme', metavar='SECTION',
+                        help='also write the compact table into README.md '
+                        'between <!-- SECTION:start/end --> (the demo '
+                        'leaderboard: demo-leaderboard)')
     args = parser.parse_args(argv)
 
     from dfq_dense.report import leaderboard
@@ -45,6 +53,16 @@ def main(argv=None):
         entries = load_published(args.published)
         board = leaderboard.build(collected, entries)
         paths = leaderboard.write(board, args.out)
+        if args.readme:
+            from dfq_dense.report import replace_readme_section
+            replace_readme_section(args.readme,
+                                   leaderboard.compact_markdown(board))
+            if args.earlier:
+                with open(args.earlier) as f:
+                    earlier = json.load(f)
+                replace_readme_section(
+                    args.readme + '-earlier',
+                    leaderboard.comparison_markdown(board, earlier))
     except (OSError, ValueError, PublishedRegistryError) as err:
         print(f'leaderboard: error: {args.collected}: '
               f'{" ".join(str(err).split())}', file=sys.stderr)

@@ -5,7 +5,7 @@
 
 For each demo model at W4A4 (percentile quantizer, the demo grid's), the
 images of each teacher-student method are made once at the demo scale of
-tools/method_table.py (8 images of 192x192, seed 0) and calibrated
+configs/matrix/demo.py (8 images of 192x192, seed 0) and calibrated
 without adaptation (the reference row); then every adapter budget below
 runs on exactly those images and that calibration.  Each row records the
 share of 4-bit weight codes the adapter changed, its own loss first / last
@@ -60,6 +60,10 @@ BUDGETS = [
      dict(type='BlockReconstruction', iters=100, lr=4e-5, batch_size=8,
           seed=0)),
 ]
+# The budgets the method fragments (configs/_base_/methods) use.
+FRAGMENT_BUDGETS = ('Adam 1e-5, 50 steps',
+                    'student Adam 1e-5, 50 steps per round (fragment)',
+                    'paper: Adam 4e-5, 100 steps per unit, scales')
 QUANTIZER = 'percentile'
 
 
@@ -148,7 +152,14 @@ def markdown(results):
                 f'| {row["method"]} | {row["budget"]} | '
                 f'{100 * row["weight_codes_changed"]:.3f}% | '
                 f'{_loss_text(row)} | {metric} |')
-        lines.append('')
+        ref = {r['method']: r for r in res['rows'] if r['adapter'] is None}
+        deltas = [
+            f'{r["method"]} {r["metrics"][k] - ref[r["method"]]["metrics"][k]:+.{1 if k == "mIoU" else 3}f}'  # noqa: E501
+            for r in res['rows'] if r['budget'] in FRAGMENT_BUDGETS
+            for k in keys[:1]]
+        lines += ['', f'At the fragments\' budgets, against calibration '
+                  f'alone ({keys[0].split("/")[-1]}): {", ".join(deltas)}.',
+                  '']
     return '\n'.join(lines)
 
 

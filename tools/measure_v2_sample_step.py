@@ -3,7 +3,7 @@ teacher-student discrepancy?
 
     python tools/measure_v2_sample_step.py [--work-dir DIR]
 
-Runs PSAQ-ViT V2 at the demo scale of tools/method_table.py (8 images,
+Runs PSAQ-ViT V2 at the demo scale of configs/matrix/demo.py (8 images,
 V1 start of 2 x 50 iterations, 2 rounds of 20 sample and 20 student
 iterations) on the demo UperNet at W4A4 (naive quantizer), evaluating on 4
 val images only (the metric is not the point: the discrepancy per round is,

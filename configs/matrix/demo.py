@@ -9,7 +9,7 @@
 # 0.5-3 min, 144 evaluations x 0.2-0.5 min, 72 adaptations x 0.5-2.5 min
 # (V2's two rounds: 2.5 min on the UperNet): about 4-6 hours sequentially;
 # with Slurm (tools/slurm_matrix.sh) up to 36 tasks.
-# The method settings are the demo scale of tools/method_table.py (the
+# The method settings are the demo scale (the
 # configs/_base_/methods fragments hold the full-scale ones); seed and
 # num_images come from the grid axes below.
 # The adapters' budgets are those of the method fragments (student steps
@@ -41,7 +41,8 @@ methods = dict(
         adapter=dict(_delete_=True, type='MimiQDistill',
                      student_step=dict(optimizer='adam', lr=1e-5,
                                        iters=50))),
-    # crops at half the input size (see tools/method_table.py); the
+    # crops at half the input size (full-size crops would make SPDFQ
+    # about 3.5x the cost of the other methods on 2 CPU cores); the
     # paper's block reconstruction at the demo's 8 images
     spdfq=dict(
         synthesizer=dict(_delete_=True, type='SPDFQ', batch_size=8,

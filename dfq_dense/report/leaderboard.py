@@ -388,6 +388,95 @@ def to_markdown(board):
     return '\n'.join(lines)
 
 
+def compact_markdown(board):
+    """The README's form of the leaderboard: per model one table, a row
+    per method (and image count) and a column per bit setting, each cell
+    ``mean ± std`` per metric (``*``: best mean of the column; ``~``:
+    within the spread of the best; std ``-`` with one seed), then how many
+    seeds each row has."""
+    lines = []
+    for model in board['models']:
+        keys = [k for k in METRICS if k in model['fp'] or any(
+            k in r['metrics'] for s in model['bits'] for r in s['rows'])]
+        bits = [s['bits'] for s in model['bits']]
+        table = {}
+        for sec in model['bits']:
+            for row in sec['rows']:
+                table.setdefault((row['method'], row['method_type'],
+                                  row['num_images']), {})[sec['bits']] = row
+        fp = ' / '.join(fmt(model['fp'].get(k), 1) for k in keys)
+        names = ' / '.join(_short(k) for k in keys)
+        lines += [f'**{model["label"]}** ({names}; suite FP {fp})', '',
+                  '| method | images | ' + ' | '.join(bits) + ' | seeds |',
+                  '|---|---|' + '---|' * len(bits) + '---|']
+        for (method, mtype, num), cells in table.items():
+            out, seeds = [], set()
+            for b in bits:
+                row = cells.get(b)
+                if row is None:
+                    out.append('n/a')
+                    continue
+                seeds.add(row['n_seeds'])
+                parts = []
+                for k in keys:
+                    m = row['metrics'].get(k)
+                    if m is None:
+                        parts.append('n/a')
+                        continue
+                    std = '' if m['std'] is None else \
+                        f' ± {fmt(m["std"], 1)}'
+                    mark = '*' if m['is_best'] else (
+                        '~' if m['within_spread_best'] else '')
+                    parts.append(f'{fmt(m["mean"], 1)}{std}{mark}')
+                out.append(' / '.join(parts))
+            lines.append(f'| {method} ({mtype}) | {num} | ' + ' | '.join(out)
+                         + f' | {"/".join(str(n) for n in sorted(seeds))} |')
+        lines.append('')
+    lines.append('Mean ± sample std over the seeds (no std with one seed); '
+                 '`*` best mean of the column, `~` within the spread of the '
+                 'best (|mean difference| <= the larger std; needs two '
+                 'seeds).  COCO AP in points.')
+    return '\n'.join(lines) + '\n'
+
+
+def comparison_markdown(board, earlier):
+    """``earlier`` (a record of an earlier method table: ``models ->
+    method -> bits -> [metric values]``, ``metrics -> model -> keys``)
+    beside the board's means: per model a row per method and a column per
+    bit setting, ``earlier -> now (delta)`` of the first metric (box AP,
+    mIoU).  Cells the board lacks show the earlier figure and ``n/a``."""
+    lines = []
+    for model in board['models']:
+        name = next((k for k in earlier['models']
+                     if model['label'].startswith(k)), None)
+        if name is None:
+            continue
+        key = earlier['metrics'][name][0]
+        bits = [s['bits'] for s in model['bits']]
+        now = {(r['method'], s['bits']): r['metrics'].get(key, {}).get(
+            'mean') for s in model['bits'] for r in s['rows']}
+        lines += [f'**{name}** ({_short(key)}: earlier -> now)', '',
+                  '| method | ' + ' | '.join(bits) + ' |',
+                  '|---|' + '---|' * len(bits)]
+        for method, row in earlier['models'][name].items():
+            if method == 'fp':
+                continue
+            out = []
+            for b in bits:
+                old = row.get(b, [None])[0]
+                new = now.get((method, b))
+                if old is None or new is None:
+                    out.append(f'{fmt(old, 1) or "n/a"} -> '
+                               f'{fmt(new, 1) or "n/a"}')
+                else:
+                    delta = round(new - old, 1) + 0.0  # no '-0.0'
+                    out.append(f'{fmt(old, 1)} -> {fmt(new, 1)} '
+                               f'({delta:+.1f})')
+            lines.append(f'| {method} | ' + ' | '.join(out) + ' |')
+        lines.append('')
+    return '\n'.join(lines)
+
+
 def write(board, out_dir):
     """leaderboard.{md,csv,json} in ``out_dir`` (atomically)."""
     from ..utils.fileio import atomic_path, write_json_atomic

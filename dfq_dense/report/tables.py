@@ -1,4 +1,4 @@
-"""Helpers of the table scripts (tools/quant_table.py, tools/method_table.py).
+"""Helpers of the table scripts (tools/quant_table.py, the matrix).
 """
 import json
 import os.path as osp
