@@ -23,15 +23,19 @@ def _json(name):
         return json.load(f)
 
 
-@pytest.mark.parametrize('block,render', [
-    ('bench-calibration', lambda: __import__(
-        'benchmark_calibration').markdown(_json('calibration.json')
-                                          ['results'])),
-    ('bench-pse', lambda: __import__('benchmark_pse').markdown(
-        _json('pse.json'))),
+@pytest.mark.parametrize('block,section,name', [
+    ('bench-calibration', 'calibration', 'calibration.json'),
+    ('bench-pse', 'pse', 'pse.json'),
+    ('bench-synthesis', 'synthesis', 'synthesis.json'),
 ])
-def test_readme_benchmark_tables_match_their_json(block, render):
-    assert _block(block) == render()
+def test_readme_benchmark_tables_match_their_json(block, section, name):
+    """``tools/benchmark.py <section>`` renders the committed JSON into the
+    README block (the section's own renderer, dfq_dense/bench/)."""
+    import importlib
+
+    from dfq_dense.bench.common import section_of
+    mod = importlib.import_module(f'dfq_dense.bench.{section}')
+    assert _block(block) == mod.markdown(section_of(_json(name), section))
 
 
 def _runs(folder, names):
@@ -71,10 +75,10 @@ def test_readme_w4a8_table_matches_the_committed_runs():
     ('bench-fakequant', 'fakequant.json'),
     ('bench-fakequant-r5', 'fakequant_mask_rcnn_r5.json')])
 def test_readme_fakequant_tables_match_their_json(block, name):
-    import benchmark
+    from dfq_dense.bench import fakequant
     rows = _json(name)['sections']['fakequant']['rows']
     assert all(r['identical_to_old'] for r in rows)
-    assert _block(block) == benchmark.fakequant_markdown(rows)
+    assert _block(block) == fakequant.markdown_rows(rows)
 
 
 def test_readme_v2_sample_step_figures_match_the_committed_run():

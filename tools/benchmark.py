@@ -1,373 +1,126 @@
-"""Benchmark harness of the suite.
+"""The benchmark harness of the suite: one command, one section each.
 
-Each benchmark is a *section*: a subcommand with its own options that
-returns a JSON-able dict.  The result is written under
-``sections.<name>`` of a JSON file (default
-``work_dirs/benchmarks/<name>.json``) together with the environment (CPU
-model / GPU name, threads, library versions, git commit); an existing file
-is updated, so several sections can share one file (``--out``).  A Markdown
-table is printed.  Register more sections (synthesis iteration split,
-calibration, ...) with :func:`section`.
+    python tools/benchmark.py {synthesis,calibration,pse,fakequant,all} ...
 
-Sections:
+Sections (the logic lives in ``dfq_dense/bench/<section>.py``):
 
+``synthesis``
+    one synthesis iteration per method x backbone x size x batch, split
+    into the backbone forward, each prior loss, the backward and the
+    optimizer step, with peak memory (``results/benchmarks/synthesis.json``).
+``calibration``
+    calibration time per image and finish per quantizer setting, full-size
+    Swin-S Mask R-CNN, one process per setting
+    (``results/benchmarks/calibration.json``).
+``pse``
+    the exact patch-similarity entropy as a share of a PSAQ-ViT iteration
+    (``results/benchmarks/pse.json``).
 ``fakequant``
-    The fake-quantized (W8A8, naive setting) evaluation forward,
-    ``model.test_step`` on a prepared batch, against the FP model on the
-    same image, timed interleaved (FP, quantized, FP, quantized, ...), the
-    median of ``--repeats`` each.  The quantized model is calibrated first
-    on ``--calib-images`` random images the way the DFQ loop does
-    (``quantize_model`` / ``enable_calibration`` / ``test_step`` /
-    ``finish_calibration``).  ``--no-fast`` also times the quantized forward
-    with the evaluation fast paths off (the old path: every weight
-    re-quantized at every forward, reference fake quantization), in the
-    same interleaved loop, and checks that both give identical outputs.
-    Mask R-CNN keeps every RoI detection (score threshold 0, as in
-    calibration), so its mask head runs on ``max_per_img`` boxes as with a
-    trained model.
+    fake-quant W8A8 evaluation forward against FP
+    (``results/benchmarks/fakequant*.json``).
+``all``
+    every section with its defaults, one after the other.
 
-Examples::
-
-    OMP_NUM_THREADS=1 python tools/benchmark.py fakequant --no-fast \\
-        --models mask_rcnn_demo upernet_demo
-    OMP_NUM_THREADS=1 python tools/benchmark.py fakequant --no-fast \\
-        --full-size-repeats 3
+Every section writes ``sections.<name>`` of a JSON file (default
+``work_dirs/benchmarks/<name>.json``; ``--out`` to choose, other sections
+in the file are kept) with the environment (device: CPU model and threads
+or the GPU's name; torch / mmcv / mmdet / mmseg versions; git commit) and
+prints its Markdown table.  Without a section name, ``fakequant`` runs.
 """
 import argparse
-import gc
-import json
+import inspect
 import os
 import os.path as osp
-import platform
-import statistics
 import sys
-import time
-from datetime import datetime, timezone
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-SECTIONS = {}
+from dfq_dense.bench import (calibration, fakequant, pse,  # noqa: E402
+                             synthesis)
+from dfq_dense.bench.common import (describe_environment,  # noqa: E402
+                                    environment, load_section, write_result)
+
+SECTIONS = {m.NAME: m for m in (synthesis, calibration, pse, fakequant)}
+# the renderer of the README's fakequant tables, under its former name
+fakequant_markdown = fakequant.markdown_rows
 
 
-def section(name, help):
-    """Register ``(add_arguments(parser), run(args) -> (result, table))``
-    as the subcommand ``name``."""
-    def register(fns):
-        SECTIONS[name] = dict(help=help, add_arguments=fns[0], run=fns[1])
-        return fns
-    return register
+def _common_arguments(p, default_out):
+    p.add_argument('--device', default=None,
+                   help='cpu / cuda[:i] (default: cuda when available)')
+    p.add_argument('--threads', type=int, default=None,
+                   help='torch threads (default: OMP_NUM_THREADS)')
+    p.add_argument('--out', default=None, help=default_out)
 
 
-# ------------------------------------------------------------ environment
-def _version(module):
-    try:
-        return __import__(module).__version__
-    except Exception:  # not installed / broken: recorded as such
-        return None
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='section', required=True)
+    for name, mod in SECTIONS.items():
+        p = sub.add_parser(name, help=mod.HELP, description=(
+            mod.__doc__ or '').split('\n\n')[0],
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        _common_arguments(p, f'JSON file (default: work_dirs/benchmarks/'
+                          f'{mod.DEFAULT_OUT}; other sections in it are '
+                          'kept)')
+    p = sub.add_parser('all', help='every section with its defaults')
+    _common_arguments(p, 'folder of the JSON files (default: '
+                      'work_dirs/benchmarks)')
+    return parser
 
 
-def environment(device):
-    import torch
-
-    from dfq_dense.utils.environment import cpu_model, git_state
-    commit, dirty = git_state(REPO)
-    env = dict(
-        time=datetime.now(timezone.utc).isoformat(timespec='seconds'),
-        host_cpu=cpu_model(), cpu_count=os.cpu_count(),
-        torch_threads=torch.get_num_threads(),
-        omp_num_threads=os.environ.get('OMP_NUM_THREADS'),
-        device=str(device), gpu=None, python=platform.python_version(),
-        torch=torch.__version__, mmcv=_version('mmcv'),
-        mmengine=_version('mmengine'), mmdet=_version('mmdet'),
-        mmseg=_version('mmseg'), git_commit=commit, git_dirty=dirty)
-    if str(device).startswith('cuda'):
-        env['gpu'] = torch.cuda.get_device_name(torch.device(device))
-        env['cuda'] = torch.version.cuda
-    return env
-
-
-def write_result(path, name, result, env):
-    """Store ``result`` as ``sections[name]`` of the JSON file ``path``
-    (other sections kept); returns the path."""
-    data = {}
-    if osp.exists(path):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            data = {}
-    data.setdefault('sections', {})[name] = dict(result, environment=env)
-    data['environment'] = env  # of the latest section written
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-    return path
-
-
-def markdown_table(header, rows):
-    lines = ['| ' + ' | '.join(header) + ' |',
-             '|' + '|'.join('---' for _ in header) + '|']
-    lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
-    return '\n'.join(lines)
-
-
-# ------------------------------------------------------- fakequant section
-FAKEQUANT_MODELS = {
-    # name: config, (h, w), checkpoint (None: random weights), target ratio
-    'mask_rcnn_swin_s': dict(config='configs/mask_rcnn_swin_s_w8a8.py',
-                             size=(800, 1333), checkpoint=None,
-                             target=1.15, full_size=True),
-    'upernet_swin_s': dict(config='configs/upernet_swin_s_w8a8.py',
-                           size=(512, 512), checkpoint=None, target=1.15,
-                           full_size=True),
-    'mask_rcnn_demo': dict(
-        config='configs/demo/mask_rcnn_swin_demo_w8a8.py', size=(192, 192),
-        checkpoint='dfq_dense/demo/checkpoints/mask_rcnn_swin_demo.pth',
-        target=1.25, full_size=False),
-    'upernet_demo': dict(
-        config='configs/demo/upernet_swin_demo_w8a8.py', size=(192, 192),
-        checkpoint='dfq_dense/demo/checkpoints/upernet_swin_demo.pth',
-        target=1.25, full_size=False),
-}
-
-
-def build_model(config, checkpoint, seed):
-    """(model, cfg, task): the config's model, eval mode, random weights
-    from ``seed`` or ``checkpoint`` loaded with mmengine."""
-    import torch
-    from mmengine.config import Config
-
-    from dfq_dense.engine import model_checks
-    from dfq_dense.engine.runner import task_of
-    cfg = Config.fromfile(osp.join(REPO, config))
-    torch.manual_seed(seed)
-    model = model_checks.build_model(cfg)
-    if checkpoint:
-        from mmengine.runner import load_checkpoint
-        load_checkpoint(model, osp.join(REPO, checkpoint),
-                        map_location='cpu', logger='silent')
-    model.eval()
-    return model, cfg, task_of(cfg)
-
-
-def calibrate_like_dfq(model, cfg, task, images):
-    """The DFQ loop's calibration: one ``test_step`` per image inside
-    ``calibration_step``, every RoI detection kept, then
-    ``finish_calibration``."""
-    import torch
-
-    from dfq_dense.engine.dfq_loop import _all_detections, calibration_batch
-    from dfq_dense.quant import enable_calibration, finish_calibration
-    from dfq_dense.quant.observers import calibration_step
-    model.eval()
-    enable_calibration(model)
-    with torch.no_grad(), _all_detections(model):
-        for b in range(len(images)):
-            with calibration_step(b):
-                model.test_step(calibration_batch(
-                    images[b:b + 1], model.data_preprocessor, task))
-    return finish_calibration(
-        model, reparam=cfg.dfq.quantizer.get('reparam', False))
-
-
-def _output_tensors(outs):
-    """The prediction tensors of ``test_step`` outputs (for identity
-    checks)."""
-    tensors = []
-    for sample in outs:
-        for field in ('pred_instances', 'pred_sem_seg', 'seg_logits'):
-            data = getattr(sample, field, None)
-            if data is None:
-                continue
-            for key in sorted(data.keys()):
-                value = data.get(key)
-                if hasattr(value, 'cpu'):
-                    tensors.append((f'{field}.{key}', value.cpu()))
-    return tensors
-
-
-def _identical(a, b):
-    import torch
-    ta, tb = _output_tensors(a), _output_tensors(b)
-    return len(ta) == len(tb) and all(
-        ka == kb and va.shape == vb.shape and torch.equal(va, vb)
-        for (ka, va), (kb, vb) in zip(ta, tb))
-
-
-def bench_model(name, spec, args, device, repeats):
-    import copy
-
-    import torch
-
-    from dfq_dense.engine.dfq_loop import (_all_detections,
-                                           calibration_batch,
-                                           quantize_for_dfq)
-    from dfq_dense.quant.quantizer import fast_eval
-
-    t0 = time.time()
-    fp, cfg, task = build_model(spec['config'], spec['checkpoint'],
-                                args.seed)
-    quant = copy.deepcopy(fp)
-    counts = quantize_for_dfq(quant, cfg.dfq.quantizer)
-    fp.to(device)
-    quant.to(device)
-    h, w = spec['size']
-    gen = torch.Generator().manual_seed(args.seed)
-    calib = torch.randn(args.calib_images, 3, h, w, generator=gen)
-    t1 = time.time()
-    calibrate_like_dfq(quant, cfg, task, calib.to(device))
-    calib_s = time.time() - t1
-    image = torch.randn(1, 3, h, w, generator=gen)
-    batch = calibration_batch(image, fp.data_preprocessor, task)
-
-    def sync():
-        if str(device).startswith('cuda'):
-            torch.cuda.synchronize(device)
-
-    def timed(model, fast=True):
-        with torch.no_grad(), fast_eval(fast), _all_detections(model):
-            sync()
-            start = time.perf_counter()
-            out = model.test_step(batch)
-            sync()
-            return time.perf_counter() - start, out
-
-    runs = [('fp', fp, True), ('quant', quant, True)]
-    if args.no_fast:
-        runs.append(('quant_old', quant, False))
-    outputs = {}
-    for _ in range(args.warmup):  # weight caches are built here
-        for key, model, fast in runs:
-            outputs[key] = timed(model, fast)[1]
-    times = {key: [] for key, _, _ in runs}
-    for _ in range(repeats):
-        for key, model, fast in runs:  # interleaved
-            seconds, outputs[key] = timed(model, fast)
-            times[key].append(seconds)
-
-    med = {k: statistics.median(v) for k, v in times.items()}
-    row = dict(
-        model=name, config=spec['config'], checkpoint=spec['checkpoint'],
-        task=task, image_size=[h, w], device=str(device),
-        repeats=repeats, warmup=args.warmup,
-        calib_images=args.calib_images, calibration_seconds=calib_s,
-        setup_seconds=time.time() - t0 - calib_s - sum(
-            sum(v) for v in times.values()),
-        quantized_modules=counts, seconds=times, median_seconds=med,
-        ratio=med['quant'] / med['fp'],
-        ratio_paired_median=statistics.median(
-            q / f for q, f in zip(times['quant'], times['fp'])),
-        target=spec['target'], full_size=spec['full_size'])
-    row['meets_target'] = row['ratio'] <= spec['target']
-    if args.no_fast:
-        row['ratio_old'] = med['quant_old'] / med['fp']
-        row['ratio_old_paired_median'] = statistics.median(
-            q / f for q, f in zip(times['quant_old'], times['fp']))
-        row['speedup'] = med['quant_old'] / med['quant']
-        row['identical_to_old'] = _identical(outputs['quant'],
-                                             outputs['quant_old'])
-    del fp, quant, outputs
-    gc.collect()
-    return row
-
-
-def _fakequant_arguments(parser):
-    parser.add_argument('--models', nargs='+',
-                        choices=sorted(FAKEQUANT_MODELS),
-                        default=['mask_rcnn_demo', 'upernet_demo',
-                                 'upernet_swin_s', 'mask_rcnn_swin_s'],
-                        help='models to time (default: all)')
-    parser.add_argument('--repeats', type=int, default=5,
-                        help='timed forwards per path (median)')
-    parser.add_argument('--full-size-repeats', type=int, default=None,
-                        help='repeats for the full-size models on the CPU '
-                        '(default: --repeats)')
-    parser.add_argument('--warmup', type=int, default=1,
-                        help='untimed forwards per path first')
-    parser.add_argument('--calib-images', type=int, default=1,
-                        help='random calibration images (1-2 suffice)')
-    parser.add_argument('--no-fast', action='store_true',
-                        help='also time the old path (evaluation fast paths '
-                        'off) in the same interleaved loop: old and new '
-                        'ratio in one table, outputs checked identical')
-    parser.add_argument('--seed', type=int, default=0)
-
-
-def fakequant_markdown(rows):
-    """The table of a fakequant section (its JSON ``rows``); the old-path
-    columns appear when the rows were measured with ``--no-fast``."""
-    with_old = all('ratio_old' in r for r in rows)
-    header = ['model', 'size', 'FP s', 'quant s', 'ratio']
-    if with_old:
-        header += ['old quant s', 'old ratio', 'speed-up', 'identical']
-    header += ['target', 'met']
-    table = []
-    for r in rows:
-        cells = [r['model'], 'x'.join(map(str, r['image_size'])),
-                 f'{r["median_seconds"]["fp"]:.3f}',
-                 f'{r["median_seconds"]["quant"]:.3f}', f'{r["ratio"]:.3f}']
-        if with_old:
-            cells += [f'{r["median_seconds"]["quant_old"]:.3f}',
-                      f'{r["ratio_old"]:.3f}', f'{r["speedup"]:.2f}x',
-                      'yes' if r['identical_to_old'] else 'NO']
-        cells += [f'<= {r["target"]}', 'yes' if r['meets_target'] else
-                  f'no (+{r["ratio"] - r["target"]:.3f})']
-        table.append(cells)
-    return markdown_table(header, table)
-
-
-def _fakequant_run(args, device):
-    rows = []
-    for name in args.models:
-        spec = FAKEQUANT_MODELS[name]
-        repeats = args.repeats
-        if spec['full_size'] and args.full_size_repeats and \
-                str(device) == 'cpu':
-            repeats = args.full_size_repeats
-        print(f'[fakequant] {name} {spec["size"][0]}x{spec["size"][1]} on '
-              f'{device}, {repeats} repeats ...', flush=True)
-        row = bench_model(name, spec, args, device, repeats)
-        rows.append(row)
-        print(f'[fakequant] {name}: FP {row["median_seconds"]["fp"]:.3f} s,'
-              f' quantized {row["median_seconds"]["quant"]:.3f} s, ratio '
-              f'{row["ratio"]:.3f}' + (
-                  f' (old {row["ratio_old"]:.3f})' if args.no_fast else ''),
-              flush=True)
-    result = dict(description='fake-quant W8A8 evaluation forward '
-                  '(test_step) / FP forward, median seconds; ratio = '
-                  'median quantized / median FP', rows=rows)
-    return result, fakequant_markdown(rows)
-
-
-section('fakequant', 'fake-quant W8A8 evaluation forward vs FP')(
-    (_fakequant_arguments, _fakequant_run))
-
-
-# -------------------------------------------------------------------- main
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith('-') and argv[0] not in ('-h',
                                                                '--help'):
         argv.insert(0, 'fakequant')  # the default section
-    parser = argparse.ArgumentParser(
-        description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest='section', required=True)
-    for name, sec in SECTIONS.items():
-        p = sub.add_parser(name, help=sec['help'])
-        sec['add_arguments'](p)
-        p.add_argument('--device', default=None,
-                       help='cpu / cuda[:i] (default: cuda when available)')
-        p.add_argument('--threads', type=int, default=None,
-                       help='torch threads (default: OMP_NUM_THREADS)')
-        p.add_argument('--out', default=None,
-                       help=f'JSON file (default: work_dirs/benchmarks/'
-                       f'{name}.json; other sections in it are kept)')
-    return parser.parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.section in SECTIONS:
+        check = getattr(SECTIONS[args.section], 'check_arguments', None)
+        if check is not None:
+            check(parser, args)
+        if getattr(args, 'repeats', 1) is not None and \
+                getattr(args, 'repeats', 1) < 1:
+            parser.error('--repeats must be >= 1')
+    return args
+
+
+def section_defaults(name, common):
+    """The parsed defaults of section ``name`` with the common options."""
+    args = build_parser().parse_args([name])
+    for key, value in common.items():
+        setattr(args, key, value)
+    return args
+
+
+def run_section(name, args, device, out):
+    mod = SECTIONS[name]
+    env = environment(device)
+    kwargs = {}
+    params = inspect.signature(mod.run).parameters
+    if 'checkpoint' in params:  # written after every row of a long run
+        kwargs['checkpoint'] = lambda partial: write_result(
+            out, name, partial, env)
+    if 'previous' in params and osp.exists(out):
+        try:
+            kwargs['previous'] = load_section(out, name)
+        except (OSError, ValueError, KeyError):
+            pass
+    result = mod.run(args, device, **kwargs)
+    path = write_result(out, name, result, env)
+    line = describe_environment(env)
+    table = mod.markdown(dict(result, environment=env))
+    print(f'\n{name}:\n' if table.startswith(line) else
+          f'\n{name}: {line}\n')
+    print(table)
+    print(f'\nwritten: {path}')
+    return result
 
 
 def main(argv=None):
@@ -379,21 +132,22 @@ def main(argv=None):
         torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
     device = torch.device(args.device or (
         'cuda' if torch.cuda.is_available() else 'cpu'))
-    out = args.out or osp.join(REPO, 'work_dirs', 'benchmarks',
-                               f'{args.section}.json')
-    env = environment(device)
-    result, table = SECTIONS[args.section]['run'](args, device)
-    path = write_result(out, args.section, result, env)
-    gpu = f', GPU {env["gpu"]}' if env['gpu'] else ''
-    print(f'\n{args.section}: {env["host_cpu"]}{gpu}, '
-          f'{env["torch_threads"]} thread(s), torch {env["torch"]}, '
-          f'mmdet {env["mmdet"]}, mmseg {env["mmseg"]}, '
-          f'commit {(env["git_commit"] or "?")[:10]}'
-          f'{" (dirty)" if env["git_dirty"] else ""}\n')
-    print(table)
-    print(f'\nwritten: {path}')
-    return result
+    folder = osp.join(REPO, 'work_dirs', 'benchmarks')
+    if args.section == 'all':
+        folder = args.out or folder
+        failed = 0
+        for name, mod in SECTIONS.items():
+            sargs = section_defaults(name, dict(
+                device=args.device, threads=args.threads, out=None))
+            result = run_section(name, sargs, device,
+                                 osp.join(folder, mod.DEFAULT_OUT))
+            failed += bool(result.get('failed') or
+                           result.get('uncalibrated'))
+        return 1 if failed else 0
+    out = args.out or osp.join(folder, SECTIONS[args.section].DEFAULT_OUT)
+    result = run_section(args.section, args, device, out)
+    return 1 if result.get('failed') or result.get('uncalibrated') else 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())
