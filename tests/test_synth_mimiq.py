@@ -173,6 +173,81 @@ def test_inter_head_gradient():
     assert x.grad[0, 1, :, 8, :].abs().sum() == 0  # padding queries
 
 
+def _torch_loop_inter_head(logits, valid, pairs, total=None):
+    """MimiQ's inter-head loss of one layer written query by query from its
+    definition with plain torch ops (autograd gives its gradient):
+    min-max map of each head over the valid keys, global SSIM of every head
+    pair, mean of 1 - SSIM^2 over pairs and valid queries."""
+    c1, c2 = 0.01**2, 0.03**2
+    B, nW, h, N, _ = logits.shape
+    terms = []
+    for b in range(B):
+        for w in range(nW):
+            keys = valid[b, w].nonzero()[:, 0]
+            for q in range(N):
+                if not valid[b, w, q]:
+                    continue
+                maps = []
+                for hd in range(h):
+                    v = logits[b, w, hd, q, keys]
+                    maps.append((v - v.amin()) / (v.amax() - v.amin()))
+                pair = []
+                for i, j in pairs(h):
+                    a, c = maps[i], maps[j]
+                    ma, mc = a.mean(), c.mean()
+                    va, vc = ((a - ma)**2).mean(), ((c - mc)**2).mean()
+                    cov = ((a - ma) * (c - mc)).mean()
+                    ssim = ((2 * ma * mc + c1) * (2 * cov + c2)) / (
+                        (ma**2 + mc**2 + c1) * (va + vc + c2))
+                    pair.append(1 - ssim**2)
+                terms.append(torch.stack(pair).mean())
+    count = len(terms) if total is None else len(terms) / B * total
+    return torch.stack(terms).sum() / count
+
+
+@pytest.mark.parametrize('pairs', ['all', 'distinct'])
+def test_inter_head_gradient_vs_loop_reference(pairs):
+    """The written-out backward against autograd through the query-by-query
+    definition: padding keys and queries, tied min / max keys (saturated
+    tokens), a micro-batch's share (total)."""
+    pair_fn = (lambda h: itertools.product(range(h), range(h))) \
+        if pairs == 'all' else \
+        (lambda h: itertools.combinations(range(h), 2))
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 3, 3, 6, 6, generator=g, dtype=torch.float64)
+    # ties: identical keys (saturated tokens), at the min and at the max
+    logits[0, 0, :, :, 4] = logits[0, 0, :, :, 2]
+    logits[1, 2, :, :, 1] = logits[1, 2].amax(-1)
+    logits[1, 2, :, :, 3] = logits[1, 2].amax(-1)
+    valid = torch.ones(2, 3, 6, dtype=torch.bool)
+    valid[:, 1, 5] = False
+    valid[1, 2, 0] = False
+    for total in (None, 5):
+        x1 = logits.clone().requires_grad_()
+        x2 = logits.clone().requires_grad_()
+        got = inter_head_similarity(x1, valid, pairs=pairs, total=total)
+        ref = _torch_loop_inter_head(x2, valid, pair_fn, total)
+        assert abs(got.item() - ref.item()) < 1e-12
+        got.backward()
+        ref.backward()
+        assert torch.allclose(x1.grad, x2.grad, rtol=1e-9, atol=1e-14)
+        assert x1.grad[:, 1, :, :, 5].abs().sum() == 0  # padding keys
+        assert x1.grad[1, 2, :, 0, :].abs().sum() == 0  # padding queries
+
+
+def test_inter_head_gradcheck():
+    """Against finite differences (no ties), float64."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(1, 2, 3, 5, 5, generator=g, dtype=torch.float64,
+                    requires_grad=True)
+    valid = torch.ones(1, 2, 5, dtype=torch.bool)
+    valid[0, 1, 4] = False
+    assert torch.autograd.gradcheck(
+        lambda t: inter_head_similarity(t, valid), (x, ))
+    assert torch.autograd.gradcheck(
+        lambda t: inter_head_similarity(t, pairs='distinct', total=3), (x, ))
+
+
 def _np_structure(t, s, valid, c2=0.03**2):
     """(windows, C) structure terms over the valid tokens, numpy loop."""
     W, N, C = t.shape
