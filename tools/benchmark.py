@@ -1,6 +1,6 @@
 """The benchmark harness of the suite: one command, one section each.
 
-    python tools/benchmark.py {synthesis,calibration,pse,fakequant,all} ...
+    python tools/benchmark.py {synthesis,fit,calibration,pse,fakequant,all}
 
 Sections (the logic lives in ``dfq_dense/bench/<section>.py``):
 
@@ -8,6 +8,10 @@ Sections (the logic lives in ``dfq_dense/bench/<section>.py``):
     one synthesis iteration per method x backbone x size x batch, split
     into the backbone forward, each prior loss, the backward and the
     optimizer step, with peak memory (``results/benchmarks/synthesis.json``).
+``fit``
+    one iteration of each method at its configured batch at 800x1333 with
+    the memory options for 16 GB, time by phase and peak memory
+    (``results/benchmarks/fit.json``).
 ``calibration``
     calibration time per image and finish per quantizer setting, full-size
     Swin-S Mask R-CNN, one process per setting
@@ -37,12 +41,13 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from dfq_dense.bench import (calibration, fakequant, pse,  # noqa: E402
-                             synthesis)
+from dfq_dense.bench import (calibration, fakequant, fit,  # noqa: E402
+                             pse, synthesis)
 from dfq_dense.bench.common import (describe_environment,  # noqa: E402
                                     environment, load_section, write_result)
 
-SECTIONS = {m.NAME: m for m in (synthesis, calibration, pse, fakequant)}
+SECTIONS = {m.NAME: m
+            for m in (synthesis, fit, calibration, pse, fakequant)}
 # the renderer of the README's fakequant tables, under its former name
 fakequant_markdown = fakequant.markdown_rows
 
