@@ -257,11 +257,66 @@ def test_fit_runs_each_method_at_its_configured_batch(tmp_path):
     assert table.count('| Swin demo |') == 4
 
 
+def test_budget_composes_flops_with_the_schedule():
+    """The budget's arithmetic against a hand count: FLOPs x iterations x
+    images / throughput; eight GPUs split batches and images by rank."""
+    from dfq_dense.bench import budget
+    flops = dict(
+        models={'mask_rcnn_swin_s': dict(config='configs/x.py',
+                                         size=[800, 1333])},
+        methods=['psaq_vit'],
+        rows=[dict(kind='eval', model='mask_rcnn_swin_s', flops=1e12),
+              dict(kind='synthesis', model='mask_rcnn_swin_s',
+                   method='psaq_vit', flops=2e12)])
+    sched = dict(method='PSAQViT', num_images=32, batch_size=8,
+                 iterations=1000, calib_images=32, task='det',
+                 eval_images=5000)
+    synthesis = dict(rows=[dict(status='ok', batch=1, size=[800, 1333],
+                                backbone='swin_s', method='psaq_vit',
+                                memory=dict(peak_bytes=3e9))])
+    fit = dict(rows=[dict(status='ok', backbone='swin_s', method='psaq_vit',
+                          batch=8, peak_bytes=12e9, options={})])
+    out = budget.compose(flops, synthesis, fit, tflops=10,
+                         schedules={'mask_rcnn_swin_s': sched})
+    row, = out['rows']
+    one, eight = row['gpus']['1'], row['gpus']['8']
+    # 4 batches of 8 images x 1000 iterations x 2 TFLOP at 10 TFLOPS
+    assert one['synthesis_s'] == pytest.approx(2e12 * 1000 * 32 / 1e13)
+    assert one['calibration_s'] == pytest.approx(1e12 * 32 / 1e13)
+    assert one['evaluation_s'] == pytest.approx(1e12 * 5000 / 1e13)
+    # 8 ranks: one batch each (4 idle), 4 calibration and 625 test images
+    assert eight['synthesis_s'] == pytest.approx(2e12 * 1000 * 8 / 1e13)
+    assert eight['calibration_s'] == pytest.approx(1e12 * 4 / 1e13)
+    assert eight['evaluation_s'] == pytest.approx(1e12 * 625 / 1e13)
+    assert row['memory_no_options_bytes'] == pytest.approx(24e9)
+    assert row['memory_fit_bytes'] == 12e9
+    # the real config's schedule is read from the config
+    real = budget.schedule('configs/mask_rcnn_swin_s_w8a8.py')
+    assert real == dict(method='PSAQViT', num_images=32, batch_size=8,
+                        iterations=1000, calib_images=32, task='det',
+                        eval_images=5000)
+    assert budget.schedule('configs/upernet_swin_b_w8a8.py')[
+        'eval_images'] == 2000
+
+
+def test_flops_counts_a_known_layer():
+    """The FLOP count is torch's counter: 2 per multiply-add, forward and
+    the backward that runs."""
+    import torch
+
+    from dfq_dense.bench.flops import count
+    lin = torch.nn.Linear(16, 32, bias=False)
+    x = torch.randn(4, 16, requires_grad=True)
+    assert count(lambda: lin(x)) == 2 * 4 * 16 * 32
+    # backward to the input and the weight: two more matmuls of that size
+    assert count(lambda: lin(x).sum().backward()) == 3 * 2 * 4 * 16 * 32
+
+
 def test_cli_lists_the_sections_and_the_old_names_remain():
     parser = benchmark.build_parser()
     text = parser.format_help()
-    for name in ('synthesis', 'fit', 'calibration', 'pse', 'fakequant',
-                 'all'):
+    for name in ('synthesis', 'fit', 'flops', 'calibration', 'pse',
+                 'fakequant', 'budget', 'all'):
         assert name in text
     args = benchmark.parse_args(['calibration', '--images', '1'])
     assert args.section == 'calibration' and args.images == 1

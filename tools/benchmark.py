@@ -1,6 +1,6 @@
 """The benchmark harness of the suite: one command, one section each.
 
-    python tools/benchmark.py {synthesis,fit,calibration,pse,fakequant,all}
+    python tools/benchmark.py SECTION ...   (a section below, or all)
 
 Sections (the logic lives in ``dfq_dense/bench/<section>.py``):
 
@@ -12,6 +12,9 @@ Sections (the logic lives in ``dfq_dense/bench/<section>.py``):
     one iteration of each method at its configured batch at 800x1333 with
     the memory options for 16 GB, time by phase and peak memory
     (``results/benchmarks/fit.json``).
+``flops``
+    FLOPs of one synthesis iteration per method and of one evaluation
+    forward, for every real model (``results/benchmarks/flops.json``).
 ``calibration``
     calibration time per image and finish per quantizer setting, full-size
     Swin-S Mask R-CNN, one process per setting
@@ -22,8 +25,13 @@ Sections (the logic lives in ``dfq_dense/bench/<section>.py``):
 ``fakequant``
     fake-quant W8A8 evaluation forward against FP
     (``results/benchmarks/fakequant*.json``).
+``budget``
+    measures nothing: the wall time (estimated on GPUs from the FLOPs) and
+    memory of a whole run of each real config, from the results of the
+    sections above (``--results``, default ``results/benchmarks``).
 ``all``
-    every section with its defaults, one after the other.
+    every section with its defaults, one after the other (``budget`` from
+    the files just written).
 
 Every section writes ``sections.<name>`` of a JSON file (default
 ``work_dirs/benchmarks/<name>.json``; ``--out`` to choose, other sections
@@ -41,13 +49,14 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from dfq_dense.bench import (calibration, fakequant, fit,  # noqa: E402
-                             pse, synthesis)
+from dfq_dense.bench import (budget, calibration, fakequant,  # noqa: E402
+                             fit, flops, pse, synthesis)
 from dfq_dense.bench.common import (describe_environment,  # noqa: E402
                                     environment, load_section, write_result)
 
 SECTIONS = {m.NAME: m
-            for m in (synthesis, fit, calibration, pse, fakequant)}
+            for m in (synthesis, fit, flops, calibration, pse, fakequant,
+                      budget)}
 # the renderer of the README's fakequant tables, under its former name
 fakequant_markdown = fakequant.markdown_rows
 
@@ -144,6 +153,8 @@ def main(argv=None):
         for name, mod in SECTIONS.items():
             sargs = section_defaults(name, dict(
                 device=args.device, threads=args.threads, out=None))
+            if name == 'budget':  # from the files just written
+                sargs.results = folder
             result = run_section(name, sargs, device,
                                  osp.join(folder, mod.DEFAULT_OUT))
             failed += bool(result.get('failed') or
