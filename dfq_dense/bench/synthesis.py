@@ -426,6 +426,11 @@ def run(args, device, checkpoint=None, previous=None):
                 ('seed', args.seed))) and \
             (previous.get('environment') or {}).get('device') == str(device):
         reuse = [r for r in previous.get('rows', []) if r['status'] == 'ok']
+        penv = previous.get('environment') or {}
+        for r in reuse:  # where a kept row was measured
+            r.setdefault('measured_at', dict(
+                commit=penv.get('git_commit'), dirty=penv.get('git_dirty'),
+                time=penv.get('time')))
     start = time.time() - sum(r.get('seconds', 0.) for r in reuse)
     rows, measured = [], []
 
@@ -447,6 +452,9 @@ def run(args, device, checkpoint=None, previous=None):
             target=TARGET, rows=list(rows),
             complete=len(rows) == len(specs),
             resumed=sum(any(_same_row(r, o) for o in reuse) for r in rows),
+            resumed_from=sorted({(r.get('measured_at') or {}).get('commit')
+                                 or '?' for r in rows if any(
+                                     _same_row(r, o) for o in reuse)}),
             wall_seconds=time.time() - start,
             failed=sum(r['status'] == 'error' for r in rows))
 
@@ -618,6 +626,11 @@ def markdown(result):
     head = (f'{describe_environment(env)}; median of {result["repeats"]} '
             f'after {result["warmup"]} warm-up, split and plain iterations '
             f'interleaved; peak memory: {result["memory_measure"]}{took}.')
+    if result.get('resumed'):
+        commits = ', '.join(c[:10] for c in result.get('resumed_from', []))
+        head += (f'  {result["resumed"]} of the rows were kept from an '
+                 f'earlier run (commit {commits}, `--resume`), the others '
+                 'measured at the commit above.')
     return '\n\n'.join([head, markdown_rows(
         result['rows'], result.get('target', TARGET)['max_loss_share']),
         target_sentence(result)])
