@@ -79,9 +79,35 @@ def _method_key(synth_type):
             'MimiQ': 'mimiq', 'SPDFQ': 'spdfq'}.get(synth_type)
 
 
+def estimate_run(flops, model, sched, tflops=TFLOPS):
+    """Estimated seconds of each stage of a run of ``model`` (a key of the
+    ``flops`` rows) with schedule ``sched`` (:func:`schedule`), on one GPU
+    and on eight; a method without synthesis iterations (real images,
+    noise) costs nothing there."""
+    rate = tflops * 1e12
+    method = _method_key(sched['method'])
+    f_eval = next(r['flops'] for r in flops['rows']
+                  if r['model'] == model and r['kind'] == 'eval')
+    f_syn = 0
+    if method is not None and sched['iterations']:
+        f_syn = next(r['flops'] for r in flops['rows']
+                     if r['model'] == model and r['kind'] == 'synthesis'
+                     and r['method'] == method)
+    batches = math.ceil(sched['num_images'] / sched['batch_size'])
+    gpus = {}
+    for g in GPUS:
+        syn = f_syn * sched['iterations'] * sched['batch_size'] * \
+            math.ceil(batches / g) / rate
+        cal = f_eval * math.ceil(sched['calib_images'] / g) / rate
+        ev = f_eval * math.ceil(sched['eval_images'] / g) / rate
+        gpus[str(g)] = dict(synthesis_s=syn, calibration_s=cal,
+                            evaluation_s=ev, total_s=syn + cal + ev)
+    return dict(eval_gflop=f_eval / 1e9, synthesis_iteration_gflop=f_syn /
+                1e9, gpus=gpus)
+
+
 def compose(flops, synthesis=None, fit=None, tflops=TFLOPS, schedules=None):
     """Budget rows from the sections' results (dicts as written)."""
-    rate = tflops * 1e12
     rows = []
     per_image = {}
     for r in (synthesis or {}).get('rows', []):
@@ -96,23 +122,9 @@ def compose(flops, synthesis=None, fit=None, tflops=TFLOPS, schedules=None):
             continue
         sched = (schedules or {}).get(name) or schedule(info['config'])
         method = _method_key(sched['method'])
-        f_eval = next(r['flops'] for r in flops['rows']
-                      if r['model'] == name and r['kind'] == 'eval')
-        f_syn = next(r['flops'] for r in flops['rows']
-                     if r['model'] == name and r['kind'] == 'synthesis'
-                     and r['method'] == method)
-        batches = math.ceil(sched['num_images'] / sched['batch_size'])
         row = dict(model=name, config=info['config'], size=info['size'],
-                   method=method, schedule=sched, eval_gflop=f_eval / 1e9,
-                   synthesis_iteration_gflop=f_syn / 1e9, gpus={})
-        for g in GPUS:
-            syn = f_syn * sched['iterations'] * sched['batch_size'] * \
-                math.ceil(batches / g) / rate
-            cal = f_eval * math.ceil(sched['calib_images'] / g) / rate
-            ev = f_eval * math.ceil(sched['eval_images'] / g) / rate
-            row['gpus'][str(g)] = dict(synthesis_s=syn, calibration_s=cal,
-                                       evaluation_s=ev,
-                                       total_s=syn + cal + ev)
+                   method=method, schedule=sched,
+                   **estimate_run(flops, name, sched, tflops))
         bb = _SYNTH_BACKBONE.get(name)
         img = per_image.get((bb, method))
         row['memory_no_options_bytes'] = \
