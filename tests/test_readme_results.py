@@ -75,3 +75,17 @@ def test_demo_leaderboard_against_the_earlier_table():
         earlier = json.load(f)
     assert _block('demo-leaderboard-earlier') == \
         leaderboard.comparison_markdown(board, earlier)
+
+
+def test_mimiq_rerun_table_matches_the_two_cells():
+    """The re-run of one demo cell after MimiQ's loss got its written-out
+    gradient, beside the committed matrix cell (same definition)."""
+    from dfq_dense.report import cell_comparison_markdown
+    name = 'mask_rcnn_swin_demo-mimiq-w4a4-s0-n8-55fd5ae213.json'
+    with open(osp.join(REPO, 'results', 'demo', 'matrix', name)) as f:
+        before = json.load(f)
+    with open(osp.join(REPO, 'results', 'demo', 'mimiq_fused_ssim',
+                       name)) as f:
+        after = json.load(f)
+    assert _block('mimiq-rerun') == cell_comparison_markdown(
+        before, after, ('autograd form (matrix)', 'written-out gradient'))

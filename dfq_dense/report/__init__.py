@@ -1,7 +1,7 @@
 """Result tables: run demo cells (dfq_dense.engine.api.run_dfq, what
 tools/dfq_test.py does) and write markdown tables into the README."""
-from .tables import (fmt_metric, grid_markdown, load_fragment,
-                     replace_readme_section, run_cell)
+from .tables import (cell_comparison_markdown, fmt_metric, grid_markdown,
+                     load_fragment, replace_readme_section, run_cell)
 
-__all__ = ['fmt_metric', 'grid_markdown', 'load_fragment',
+__all__ = ['cell_comparison_markdown', 'fmt_metric', 'grid_markdown', 'load_fragment',
            'replace_readme_section', 'run_cell']

@@ -68,3 +68,30 @@ def grid_markdown(title, note, corner, rows, bits, keys, cells,
                 fmt_metric(k, m[k]) for k in keys))
         lines.append(f'| {label} | ' + ' | '.join(out) + ' |')
     return '\n'.join(lines) + '\n'
+
+
+#: The headline metrics of a results record, in the order shown.
+HEADLINE = (('coco/bbox_mAP', 'box mAP'), ('coco/segm_mAP', 'mask mAP'),
+            ('mIoU', 'mIoU'))
+
+
+def cell_comparison_markdown(before, after, labels=('before', 'after')):
+    """A table of the headline metrics of two exported matrix cells
+    (``run_matrix.py --export`` JSON) of the same definition."""
+    if before['cell']['hash'] != after['cell']['hash']:
+        raise ValueError('the two cells differ in their definition: '
+                         f'{before["cell"]["name"]} vs '
+                         f'{after["cell"]["name"]}')
+    rows = []
+    for key, name in HEADLINE:
+        a = before['results']['metrics'].get(key)
+        b = after['results']['metrics'].get(key)
+        if a is None or b is None:
+            continue
+        delta = f'{b - a:+.1f}' if name == 'mIoU' else f'{b - a:+.3f}'
+        rows.append(f'| `{before["cell"]["name"]}` | {name} | '
+                    f'{fmt_metric(name, a)} | {fmt_metric(name, b)} | '
+                    f'{delta} |')
+    head = (f'| cell | metric | {labels[0]} | {labels[1]} | delta |\n'
+            '|---|---|---|---|---|')
+    return '\n'.join([head] + rows) + '\n'
