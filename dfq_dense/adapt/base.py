@@ -17,6 +17,15 @@ from ..synth.base import get_backbone
 __all__ = ['BaseAdapter']
 
 
+def check_choice(owner: str, name: str, value, choices):
+    """``value`` if it is one of ``choices``, else a one-line ValueError
+    naming the owner, the argument and the choices."""
+    if value not in choices:
+        raise ValueError(f'{owner}: {name} must be one of {tuple(choices)}, '
+                         f'got {value!r}')
+    return value
+
+
 class BaseAdapter:
     """Base of the adapters (registered in
     :data:`dfq_dense.registry.ADAPTERS`).

@@ -20,7 +20,7 @@ from torch import nn
 from ..quant.modules import clear_quant_caches
 from ..quant.quantizer import Quantizer
 from ..registry import ADAPTERS
-from .base import BaseAdapter
+from .base import BaseAdapter, check_choice
 
 __all__ = ['BlockReconstruction', 'reconstruction_units', 'learnable_scales',
            'RECON_PARAMS', 'RECON_INPUTS', 'RECON_LOSSES']
@@ -330,15 +330,9 @@ class BlockReconstruction(BaseAdapter):
                  eps: float = 1e-8,
                  min_scale: float = 1e-8,
                  cache_device: Optional[str] = None):
-        if params not in RECON_PARAMS:
-            raise ValueError(f'BlockReconstruction: params must be one of '
-                             f'{RECON_PARAMS}, got {params!r}')
-        if input not in RECON_INPUTS:
-            raise ValueError(f'BlockReconstruction: input must be one of '
-                             f'{RECON_INPUTS}, got {input!r}')
-        if loss not in RECON_LOSSES:
-            raise ValueError(f'BlockReconstruction: loss must be one of '
-                             f'{RECON_LOSSES}, got {loss!r}')
+        check_choice('BlockReconstruction', 'params', params, RECON_PARAMS)
+        check_choice('BlockReconstruction', 'input', input, RECON_INPUTS)
+        check_choice('BlockReconstruction', 'loss', loss, RECON_LOSSES)
         if isinstance(iters, bool) or int(iters) != iters or iters < 0:
             raise ValueError('BlockReconstruction: iters must be an integer '
                              f'>= 0, got {iters!r}')

@@ -105,7 +105,7 @@ def feature_discrepancy(t_feats: Feats,
         s = s.to(t.dtype)
         if measure == 'mse':
             td = t.detach()
-            mu = td.mean(dim=(2, 3), keepdim=True)
+            # per-channel teacher std (the mean cancels in s - t)
             sigma = (td.var(dim=(2, 3), unbiased=False, keepdim=True) +
                      eps).sqrt()
             d = ((s - t) / sigma).pow(2).mean(dim=(1, 2, 3))

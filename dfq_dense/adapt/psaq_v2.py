@@ -28,7 +28,7 @@ from ..synth.loop import checkpointed_blocks
 from ..synth.losses import (GRIDS, TAU_REF_PIXELS, kde_chunk_of,
                             kde_grid_points, psaq_entropy_loss, pse_bounds,
                             tv_prior_loss)
-from .base import BaseAdapter
+from .base import BaseAdapter, check_choice
 from .losses import MEASURES, feature_discrepancy
 from .student_step import (StudentStep, adapted_modules, add_scalars,
                            extract_features, frozen_modules,
@@ -261,24 +261,14 @@ class PSAQViTV2Rounds(BaseAdapter):
             raise ValueError(f'{name}: batch_size must be >= 1')
         if int(rounds) < 0 or int(sample_iters) < 0:
             raise ValueError(f'{name}: rounds and sample_iters must be >= 0')
-        if selection not in self.SELECTIONS:
-            raise ValueError(f'{name}: selection must be one of '
-                             f'{self.SELECTIONS}, got {selection!r}')
-        if measure not in MEASURES:
-            raise ValueError(f'{name}: measure must be one of {MEASURES}, '
-                             f'got {measure!r}')
+        check_choice(name, 'selection', selection, self.SELECTIONS)
+        check_choice(name, 'measure', measure, MEASURES)
         if images_per_round is not None and int(images_per_round) < 1:
             raise ValueError(f'{name}: images_per_round must be >= 1 or '
                              'None (all)')
-        if balance not in self.BALANCES:
-            raise ValueError(f'{name}: balance must be one of '
-                             f'{self.BALANCES}, got {balance!r}')
-        if grid not in GRIDS:
-            raise ValueError(f'{name}: grid must be one of {GRIDS}, got '
-                             f'{grid!r}')
-        if jitter_shift not in JITTER_SHIFTS:
-            raise ValueError(f'{name}: jitter_shift must be one of '
-                             f'{JITTER_SHIFTS}, got {jitter_shift!r}')
+        check_choice(name, 'balance', balance, self.BALANCES)
+        check_choice(name, 'grid', grid, GRIDS)
+        check_choice(name, 'jitter_shift', jitter_shift, JITTER_SHIFTS)
         shares = dict(self.DEFAULT_SHARES)
         unknown = set(sample_shares or {}) - set(self.SAMPLE_TERMS)
         if unknown:

@@ -25,6 +25,7 @@ from torch import nn
 from ..quant.quantizer import Quantizer
 from ..synth.base import get_backbone
 from ..synth.hooks import AttnOutputRecorder
+from .base import check_choice
 from .losses import (MEASURES, _as_list, feature_discrepancy,
                      headwise_structure_loss_records)
 
@@ -263,19 +264,11 @@ class StudentStep:
                  seed: int = 0,
                  log_interval: int = 10,
                  name: str = 'StudentStep'):
-        if params not in STUDENT_PARAMS:
-            raise ValueError(f'StudentStep: params must be one of '
-                             f'{STUDENT_PARAMS}, got {params!r}')
+        check_choice('StudentStep', 'params', params, STUDENT_PARAMS)
         optimizer = str(optimizer).lower()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f'StudentStep: optimizer must be one of '
-                             f'{OPTIMIZERS}, got {optimizer!r}')
-        if loss not in STUDENT_LOSSES:
-            raise ValueError(f'StudentStep: loss must be one of '
-                             f'{STUDENT_LOSSES}, got {loss!r}')
-        if measure not in MEASURES:
-            raise ValueError(f'StudentStep: measure must be one of '
-                             f'{MEASURES}, got {measure!r}')
+        check_choice('StudentStep', 'optimizer', optimizer, OPTIMIZERS)
+        check_choice('StudentStep', 'loss', loss, STUDENT_LOSSES)
+        check_choice('StudentStep', 'measure', measure, MEASURES)
         if int(iters) < 0 or int(batch_size) < 1:
             raise ValueError('StudentStep: iters must be >= 0 and '
                              'batch_size >= 1')
