@@ -216,14 +216,14 @@ class _InterHeadSimilarity(torch.autograd.Function):
             per_query = per_query * valid.to(x.dtype)
         loss = per_query.sum() / count
         ctx.save_for_backward(xt, d, valid, pair_w, lo, hi, span, inv_r, n,
-                              m, a, dd, cc, e, s, s2, count)
+                              m, a, dd, cc, e, s, count)
         ctx.pad, ctx.eps = pad, eps
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         (xt, d, valid, pair_w, lo, hi, span, inv_r, n, m, a, dd, cc, e, s,
-         s2, count) = ctx.saved_tensors
+         count) = ctx.saved_tensors
         pad = ctx.pad
         # loss = sum_q qw sum_ij w_ij (1 - s_ij^2) / (sum w) / count
         k0 = -2. * grad / (count * pair_w.sum())
@@ -236,8 +236,8 @@ class _InterHeadSimilarity(torch.autograd.Function):
         u = g_s * s
         g_a = u / a
         g_c = g_s * a / (dd * e)
+        g_e = u / e  # minus the gradient of e
         g_dd = u.div_(dd)  # minus the gradient of dd
-        g_e = (g_s * s).div_(e)  # minus the gradient of e
         # a = 2 m_i m_j + c1, dd = m_i^2 + m_j^2 + c1, e = v_i + v_j + c2,
         # cc = 2 cov + c2 (v_i = cov_ii)
         g_m = 2 * ((g_a + g_a.transpose(-1, -2)) @ m[..., None])[..., 0] - \
@@ -318,7 +318,7 @@ def inter_head_similarity_loss(logits, valid=None, c1: float = SSIM_C1,
             micro-batch (see :func:`inter_head_similarity`).
         recompute: compute each layer under non-reentrant activation
             checkpointing: its backward recomputes the SSIM statistics
-            instead of keeping them (about 7 tensors of the logits' size per
+            instead of keeping them (two tensors of the logits' size per
             layer), the same numbers.
 
     See :func:`inter_head_similarity` for the per-layer definition.
@@ -431,7 +431,7 @@ class MimiQ(PixelSynthesizer):
             batch, before the iterations.
         with_cp: activation checkpointing of the backbone's Swin blocks and
             of the head similarity of every layer (its SSIM statistics,
-            several tensors of the size of the logits per layer, are
+            two tensors of the size of the logits per layer, are
             recomputed in backward instead of kept): the same images.
 
     MimiQ's distillation of the quantized student (head-wise structural
