@@ -259,7 +259,7 @@ def test_fit_runs_each_method_at_its_configured_batch(tmp_path):
 def test_budget_composes_flops_with_the_schedule():
     """The budget's arithmetic against a hand count: FLOPs x iterations x
     images / throughput; eight GPUs split batches and images by rank."""
-    from dfq_dense.bench import budget
+    from dfq_dense.report import budget
     flops = dict(
         models={'mask_rcnn_swin_s': dict(config='configs/x.py',
                                          size=[800, 1333])},

@@ -122,10 +122,9 @@ def load_section(path, name):
 
 
 def markdown_table(header, rows):
-    lines = ['| ' + ' | '.join(header) + ' |',
-             '|' + '|'.join('---' for _ in header) + '|']
-    lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
-    return '\n'.join(lines)
+    """:func:`dfq_dense.report.tables.markdown_table`."""
+    from ..report.tables import markdown_table as table
+    return table(header, rows)
 
 
 def median(values):

@@ -31,6 +31,14 @@ def fmt_metric(key, value):
     return f'{value:.1f}' if key == 'mIoU' else f'{value:.3f}'
 
 
+def markdown_table(header, rows):
+    """A Markdown table (no trailing newline)."""
+    lines = ['| ' + ' | '.join(header) + ' |',
+             '|' + '|'.join('---' for _ in header) + '|']
+    lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
 def replace_readme_section(name, text, path=osp.join(ROOT, 'README.md')):
     """Replace what lies between ``<!-- name:start -->`` and
     ``<!-- name:end -->`` in ``path`` by ``text`` (atomically)."""
