@@ -166,7 +166,8 @@ def run_row(spec):
     if 'other' not in times:
         times['other'] = iteration - sum(times.values())
     return dict(status='ok', iteration_s=iteration, phases=times,
-                phase_calls=dict(timer.calls), peak_bytes=peak, per_image_s=iteration / spec['batch'],
+                phase_calls=dict(timer.calls), peak_bytes=peak,
+                per_image_s=iteration / spec['batch'],
                 seconds=time.perf_counter() - start,
                 settings={k: v for k, v in frag.items()
                           if isinstance(v, (int, float, str, bool, list,
