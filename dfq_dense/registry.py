@@ -4,15 +4,19 @@ Being children of the roots (scope ``dfq_dense``) makes every piece reachable
 from an mmdet or an mmseg config as ``type='dfq_dense.Name'``, and lets
 mmengine's ``_scope_`` switching find them.
 """
+from mmengine.registry import DATASETS as MMENGINE_DATASETS
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import LOOPS as MMENGINE_LOOPS
+from mmengine.registry import METRICS as MMENGINE_METRICS
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import TASK_UTILS as MMENGINE_TASK_UTILS
 from mmengine.registry import Registry
 
-# Synthesizers (data sources), quantized modules and quantizers.
+# Synthesizers (data sources), quantized modules and quantizers; the
+# classification track's timm classifier (dfq_dense.cls).
 MODELS = Registry('model', parent=MMENGINE_MODELS,
-                  locations=['dfq_dense.synth', 'dfq_dense.quant'])
+                  locations=['dfq_dense.synth', 'dfq_dense.quant',
+                             'dfq_dense.cls'])
 # Observers / calibrators.
 TASK_UTILS = Registry('task util', parent=MMENGINE_TASK_UTILS,
                       locations=['dfq_dense.quant'])
@@ -20,6 +24,12 @@ HOOKS = Registry('hook', parent=MMENGINE_HOOKS,
                  locations=['dfq_dense.engine'])
 LOOPS = Registry('loop', parent=MMENGINE_LOOPS,
                  locations=['dfq_dense.engine'])
+# The classification track's ImageNet val folder and its top-1 / top-5
+# metric (dfq_dense.cls); detection and segmentation use mmdet's and mmseg's.
+DATASETS = Registry('dataset', parent=MMENGINE_DATASETS,
+                    locations=['dfq_dense.cls'])
+METRICS = Registry('metric', parent=MMENGINE_METRICS,
+                   locations=['dfq_dense.cls'])
 # Steps that change the calibrated quantized student after calibration
 # (PSAQ-ViT V2's rounds, MimiQ's head-wise distillation, SPDFQ's block-wise
 # reconstruction): the ``(adapt)`` stage of the DFQ loop, built from

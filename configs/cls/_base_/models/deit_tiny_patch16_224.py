@@ -1,0 +1,19 @@
+# timm deit_tiny_patch16_224: the official DeiT release (tag fb_in1k);
+# published top-1 72.2, measured with DeiT's crop 0.875, where timm's cfg crops
+# 0.9.
+# Weights: model.checkpoint=PATH, a local copy of the release .pth (timm's
+# pretrained_cfg url) or of the Hugging Face hub file of
+# timm/deit_tiny_patch16_224.fb_in1k; left None, timm's cache is used if it
+# holds the file, else the build stops with one line naming what to download.
+
+_base_ = ['../datasets/imagenet_val.py']
+
+model_name = 'deit_tiny_patch16_224.fb_in1k'
+model = dict(
+    type='dfq_dense.TimmClassifier',
+    model_name=model_name,
+    num_classes=1000,
+    checkpoint=None)
+# The eval transform (resize, crop_pct, interpolation) is that of the same
+# weights: timm's pretrained_cfg of model_name.
+test_dataloader = dict(dataset=dict(model_name=model_name))
