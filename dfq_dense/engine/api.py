@@ -129,7 +129,18 @@ def run_dfq(config, checkpoint=None, work_dir=None, cfg_options=None,
             f'checkpoint {cfg.official_checkpoint}; download it, convert it '
             f'with tools/convert_checkpoint.py OFFICIAL.pth OUT.pth --check '
             f'{config}, and pass OUT.pth as CHECKPOINT')
-    checkpoint = resolve_checkpoint(checkpoint or cfg.get('load_from'))
+    if task == 'cls':
+        # A timm classifier loads its weights itself (strictly, from
+        # model.checkpoint or timm's cache): CHECKPOINT becomes
+        # model.checkpoint, the Runner loads nothing.
+        if checkpoint:
+            cfg.model.checkpoint = resolve_checkpoint(checkpoint)
+        elif cfg.model.get('checkpoint'):
+            cfg.model.checkpoint = resolve_checkpoint(cfg.model.checkpoint)
+        cfg.load_from = None
+        checkpoint = None
+    else:
+        checkpoint = resolve_checkpoint(checkpoint or cfg.get('load_from'))
     images = None
     if dfq.load_images:
         # A folder of an earlier run means its synthetic_images.pth.
@@ -143,11 +154,16 @@ def run_dfq(config, checkpoint=None, work_dir=None, cfg_options=None,
             raise DFQInputError(f'--load-quantized: {err}') from None
     # Builds the model once: the data source against the model, the image
     # size against the backbone, the checkpoint strictly against the model.
-    check_model_inputs(cfg, dfq, checkpoint, images=images)
+    weights = check_model_inputs(cfg, dfq, checkpoint, images=images)
     del images
+    if task == 'cls':
+        # the file found (a cached one) is the one the Runner's build loads
+        if weights is not None:
+            cfg.model.checkpoint = weights
+        checkpoint = weights
 
     cfg.launcher = launcher
-    cfg.load_from = checkpoint
+    cfg.load_from = None if task == 'cls' else checkpoint
     if work_dir is not None:
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:
@@ -162,7 +178,8 @@ def run_dfq(config, checkpoint=None, work_dir=None, cfg_options=None,
         allow_failed_imports=False)
     # What the loop keys the resumable synthesis on, computed once here.
     cfg.dfq_run = dict(checkpoint=checkpoint,
-                       checkpoint_sha256=sha256sum(checkpoint))
+                       checkpoint_sha256=None if checkpoint is None
+                       else sha256sum(checkpoint))
     if launcher != 'none':
         init_distributed(cfg, launcher)
 

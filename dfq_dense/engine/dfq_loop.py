@@ -83,6 +83,8 @@ def infer_test_image_size(cfg):
     of 800 and a long side of at most 1333: synthesize landscape 800x1333.
     mmseg models have a fixed ``data_preprocessor.size`` (the crop size).
     """
+    if is_classifier_cfg(cfg):
+        return classifier_input_size(cfg)
     size = cfg.model.get('data_preprocessor', {}).get('size')
     if size:
         return tuple(size)
@@ -96,10 +98,55 @@ def infer_test_image_size(cfg):
                      'dfq.synthesizer.img_size=(H, W)')
 
 
+def is_classifier_cfg(cfg):
+    """Whether the config's model is the classification track's
+    :class:`~dfq_dense.cls.TimmClassifier`."""
+    model_type = (cfg.get('model') or {}).get('type')
+    return isinstance(model_type, str) and \
+        model_type.split('.')[-1] == 'TimmClassifier'
+
+
+def classifier_input_size(cfg):
+    """(H, W) of a timm classifier's eval transform (its data config's
+    ``input_size``, 224x224 for the shipped models): the size it is tested
+    at and the images are synthesized at."""
+    from ..cls.timm_utils import create_timm_model, timm_data_config
+    model = cfg.model
+    try:
+        net = create_timm_model(model['model_name'],
+                                model_kwargs=model.get('model_kwargs'),
+                                device='meta')
+    except (RuntimeError, NotImplementedError):
+        net = create_timm_model(model['model_name'],
+                                model_kwargs=model.get('model_kwargs'))
+    data = timm_data_config(net, model.get('data_config'))
+    return tuple(int(v) for v in data['input_size'][1:])
+
+
+def task_of_cfg(cfg):
+    """'det', 'seg' or 'cls' (see :func:`dfq_dense.engine.runner.task_of`)."""
+    return {'mmdet': 'det', 'mmseg': 'seg', 'dfq_dense': 'cls'}.get(
+        cfg.get('default_scope'), 'seg')
+
+
+def synthesis_model_cfg(cfg):
+    """The architecture part of :func:`synthesis_key`: the backbone config
+    (detectors, segmentors) or the timm model (classifiers)."""
+    if is_classifier_cfg(cfg):
+        m = cfg.model
+        return dict(model_name=m.get('model_name'),
+                    num_classes=m.get('num_classes'),
+                    model_kwargs=m.get('model_kwargs'))
+    return cfg.model.get('backbone')
+
+
 def train_image_folder(cfg):
     """The training-image folder of the config's train dataset (the
     real-image baseline's default source): ``data/coco/train2017/`` for
     COCO, ``data/ade/ADEChallengeData2016/images/training`` for ADE20K."""
+    if cfg.get('train_dataloader') is None:
+        raise ValueError('the config has no training set to draw real '
+                         'images from: set dfq.synthesizer.data_root=DIR')
     dataset = cfg.train_dataloader.dataset
     while 'dataset' in dataset:  # RepeatDataset and other wrappers
         dataset = dataset.dataset
@@ -128,6 +175,9 @@ def calibration_batch(images, preprocessor, task):
         from mmdet.structures import DetDataSample as Sample
         meta = dict(img_shape=(h, w), ori_shape=(h, w),
                     scale_factor=(1.0, 1.0))
+    elif task == 'cls':
+        from mmengine.structures import BaseDataElement as Sample
+        meta = dict(img_shape=(h, w), ori_shape=(h, w))
     else:
         from mmseg.structures import SegDataSample as Sample
         meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w))
@@ -206,8 +256,7 @@ class DFQTestLoop(TestLoop):
     def __init__(self, runner, dataloader, evaluator, fp16=False):
         super().__init__(runner, dataloader, evaluator, fp16)
         self.dfq = parse_dfq_config(runner.cfg.get('dfq'))
-        self.task = 'det' if runner.cfg.get('default_scope') == 'mmdet' \
-            else 'seg'
+        self.task = task_of_cfg(runner.cfg)
         self.report = {}
         # Everything is checked here, before the checkpoint is loaded and
         # anything runs: quantizer settings against the real module names,
@@ -376,7 +425,8 @@ class DFQTestLoop(TestLoop):
         run = self.runner.cfg.get('dfq_run') or {}
         if run.get('checkpoint_sha256'):
             return run['checkpoint_sha256']
-        path = run.get('checkpoint') or self.runner.cfg.get('load_from')
+        path = run.get('checkpoint') or self.runner.cfg.get('load_from') \
+            or self.runner.cfg.model.get('checkpoint')
         if path and osp.isfile(path):
             from ..demo import sha256sum
             return sha256sum(path)
@@ -500,7 +550,7 @@ class DFQTestLoop(TestLoop):
         out_dir = osp.join(self.runner.work_dir, SYNTH_DIR)
         batch_dir = osp.join(out_dir, BATCH_DIR)
         key = synthesis_key(self.synth_cfg, self._checkpoint_sha256(),
-                            self.runner.cfg.model.get('backbone'))
+                            synthesis_model_cfg(self.runner.cfg))
         self.report['synthesis_key'] = key
         rank, world = get_rank(), get_world_size()
         mean, std = model.data_preprocessor.mean, model.data_preprocessor.std
@@ -643,9 +693,9 @@ class DFQTestLoop(TestLoop):
     @torch.no_grad()
     def _check_effect(self, model, images):
         """Prove that quantization changed the model: the backbone + neck
-        features of one image with every quantizer as calibrated against
-        all of them switched off.  Identical features with quantizers in
-        the backbone or neck stop the run."""
+        features of one image (a classifier's logits) with every quantizer
+        as calibrated against all of them switched off.  Identical features
+        with quantizers in the backbone or neck stop the run."""
         states = {q: q.state for _, q in iter_quantizers(model)}
         in_features = [n for n, _ in iter_quantizers(model)
                        if n.startswith(('backbone.', 'neck.'))]
@@ -660,16 +710,20 @@ class DFQTestLoop(TestLoop):
         device = next(model.parameters()).device
         x = images[:1].to(device)
         model.eval()
-        quant = _flatten_feats(model.extract_feat(x))
+        # A classifier's backbone is the whole timm model: its logits.
+        features = model.extract_feat if hasattr(model, 'extract_feat') \
+            else model.backbone
+        quant = _flatten_feats(features(x))
         try:
             for q in states:
                 q.state = 'disabled'
-            fp = _flatten_feats(model.extract_feat(x))
+            fp = _flatten_feats(features(x))
         finally:
             for q, state in states.items():
                 q.state = state
         diff = (quant - fp).double()
-        out = dict(checked=True, features='backbone+neck',
+        out = dict(checked=True, features='backbone+neck'
+                   if hasattr(model, 'extract_feat') else 'logits',
                    max_abs=float(diff.abs().max()),
                    rel_l2=float(diff.norm() / fp.double().norm().clamp(
                        min=1e-12)))

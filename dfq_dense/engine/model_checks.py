@@ -138,6 +138,17 @@ def check_image_size(model, img_size):
     if backbone is None or img_size is None:
         return
     h, w = _pair(img_size)
+    embed = getattr(backbone, 'patch_embed', None)
+    if getattr(embed, 'strict_img_size', False) and \
+            tuple(getattr(embed, 'img_size', ())) != (h, w):
+        # a timm classifier built for one input size (its position
+        # embedding / Swin masks): anything else fails in its forward
+        size = tuple(embed.img_size)
+        raise ValueError(
+            f'img_size=({h}, {w}) does not fit this timm '
+            f'{type(backbone).__name__}, built for {size[0]}x{size[1]} '
+            f'inputs; use img_size={size} (img_size=None: the model\'s '
+            'test size)')
     minimum = swin_min_image_size(backbone)
     if minimum is None:
         return
@@ -178,7 +189,12 @@ def check_model_inputs(cfg, dfq, checkpoint, images=None):
 
     Args:
         cfg: the full config; dfq: the parsed ``dfq`` config.
-        checkpoint: local path of the FP checkpoint.
+        checkpoint: local path of the FP checkpoint (None: a classifier
+            that loads its own weights).
+
+    Returns:
+        the weights file a :class:`~dfq_dense.cls.TimmClassifier` loaded
+        (None for other models and for random weights).
         images: the ``dfq.load_images`` tensor, if any (its size is
             checked instead of the synthesizer's ``img_size``).
     """
@@ -223,5 +239,10 @@ def check_model_inputs(cfg, dfq, checkpoint, images=None):
             check_synthesis_memory(
                 model, synth, hw,
                 'cuda' if torch.cuda.is_available() else 'cpu')
-    load_checkpoint_strict(model, checkpoint)
+    if checkpoint is not None:
+        load_checkpoint_strict(model, checkpoint)
+    # A timm classifier loaded its weights itself, strictly (the file it
+    # found: model.checkpoint or timm's cache; None for random weights).
+    weights = getattr(model, 'weights', None)
     del model
+    return weights

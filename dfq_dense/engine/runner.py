@@ -18,7 +18,9 @@ from mmengine.runner import Runner
 from ..demo import ensure_demo_data
 from .dfq_config import assemble_dfq
 
-TASKS = {'mmdet': 'det', 'mmseg': 'seg'}
+# The classification track's configs (configs/cls/) run in dfq_dense's own
+# scope (a timm classifier, ImageNet val folders, top-1 / top-5).
+TASKS = {'mmdet': 'det', 'mmseg': 'seg', 'dfq_dense': 'cls'}
 
 
 class DFQInputError(RuntimeError):
@@ -26,12 +28,13 @@ class DFQInputError(RuntimeError):
 
 
 def task_of(cfg):
-    """'det' or 'seg', from the config's ``default_scope``."""
+    """'det', 'seg' or 'cls', from the config's ``default_scope``."""
     scope = cfg.get('default_scope')
     if scope not in TASKS:
         raise DFQInputError(
             f"config default_scope is {scope!r}; dfq_dense supports "
-            f"{sorted(TASKS)} (inherit an mmdet:: or mmseg:: config)")
+            f"{sorted(TASKS)} (inherit an mmdet:: or mmseg:: config, or "
+            f"configs/cls/_base_/cls_runtime.py for a timm classifier)")
     return TASKS[scope]
 
 
@@ -284,6 +287,10 @@ DATASET_HINTS = {
            '--data-root DIR for a copy elsewhere (the same as --cfg-options '
            'test_dataloader.dataset.data_root=DIR '
            'test_evaluator.ann_file=DIR/annotations/instances_val2017.json)',
+    'cls': 'put the ImageNet val images into data/imagenet/val/<wnid '
+           'class folder>/*.JPEG, or pass --data-root DIR for a copy '
+           'elsewhere (the same as --cfg-options '
+           'test_dataloader.dataset.data_root=DIR)',
     'seg': 'download ADE20K (ADEChallengeData2016) into data/ade/ as in '
            'mmseg\'s dataset_prepare docs, or pass --data-root DIR for a '
            'copy elsewhere (the same as --cfg-options '
@@ -292,14 +299,30 @@ DATASET_HINTS = {
 
 
 def check_dataset(cfg):
-    """Generate the demo data if asked for, else fail fast on missing paths."""
+    """Generate the demo data if asked for, else fail fast on missing paths.
+    A classification config's test set is built here (a folder scan): a
+    missing folder or a wrong number of class folders is one line."""
     ensure_demo_data(cfg)
+    if task_of(cfg) == 'cls':
+        _check_class_folders(cfg)
+        return
     root, paths = _dataset_paths(cfg)
     for what, path in paths:
         if not osp.exists(path):
             raise DFQInputError(
                 f'dataset {what} not found: {path} '
                 f'({DATASET_HINTS[task_of(cfg)]})')
+
+
+def _check_class_folders(cfg):
+    from ..cls.dataset import ImageFolderError
+    from ..registry import DATASETS
+    ds_cfg = copy.deepcopy(_innermost(cfg.test_dataloader.dataset))
+    ds_cfg = ds_cfg.to_dict() if hasattr(ds_cfg, 'to_dict') else dict(ds_cfg)
+    try:
+        DATASETS.build(ds_cfg)
+    except ImageFolderError as err:
+        raise DFQInputError(f'{err} ({DATASET_HINTS["cls"]})') from None
 
 
 # --------------------------------------------------------------------------

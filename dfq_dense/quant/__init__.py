@@ -23,6 +23,7 @@ from .quantizer import Quantizer, check_bits, fast_eval
 from .softmax_quant import (SoftmaxQuantizer, log2_quantize,
                             log_sqrt2_quantize)
 from .reparam import reparameterize_layernorms
+from .timm_modules import QuantTimmAttention, QuantTimmWindowAttention
 from .spec import ROLES, QuantSetting, module_roles, validate_setting
 from .validate import validate_quantizer_cfg
 
@@ -38,5 +39,6 @@ __all__ = [
     'PercentileSearchObserver', 'reparameterize_layernorms', 'ROLES',
     'QuantSetting', 'module_roles', 'validate_setting', 'calibration_step',
     'current_calibration_step', 'replicated_observation',
-    'quantization_report', 'clear_quant_caches', 'fast_eval'
+    'quantization_report', 'clear_quant_caches', 'fast_eval',
+    'QuantTimmWindowAttention', 'QuantTimmAttention'
 ]

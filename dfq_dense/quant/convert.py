@@ -6,7 +6,13 @@
 * ``nn.Conv2d`` (incl. ``mmcv.cnn.Conv2d``) -> ``QuantConv2d``
 * ``nn.ConvTranspose2d`` (incl. mmcv's) -> ``QuantConvTranspose2d``
 * Swin ``WindowMSA`` (mmdet's and mmseg's) -> ``QuantWindowMSA`` (whose
-  ``qkv`` / ``proj`` are then converted like any Linear).
+  ``qkv`` / ``proj`` are then converted like any Linear);
+* timm's Swin ``WindowAttention`` -> ``QuantTimmWindowAttention`` and
+  timm's ViT / DeiT ``Attention`` -> ``QuantTimmAttention`` (classification
+  track; explicit attention with the same ``matmul1`` / ``matmul2`` as
+  ``QuantWindowMSA``, see :mod:`dfq_dense.quant.timm_modules`); the Linear
+  layers of timm's blocks, ``Mlp``, ``PatchMerging`` and head are converted
+  like any Linear.
 
 Not converted (left FP, logged): subclasses of these layer types that
 override ``forward`` with different semantics (e.g. weight-standardized or
@@ -25,6 +31,8 @@ from .modules import (QuantConv2d, QuantConvTranspose2d, QuantLinear,
 from .quantizer import Quantizer, check_bits
 from .reparam import reparameterize_layernorms
 from .spec import QuantSetting, module_roles
+from .timm_modules import (QuantTimmAttention, QuantTimmWindowAttention,
+                           timm_attention_wrappers)
 from .validate import validate_quantizer_cfg
 
 __all__ = [
@@ -73,6 +81,10 @@ _WRAPPERS = OrderedDict([
     (nn.Conv2d, QuantConv2d),
     (nn.ConvTranspose2d, QuantConvTranspose2d),
 ])
+
+
+_ATTENTION_WRAPPERS = (QuantWindowMSA, QuantTimmWindowAttention,
+                       QuantTimmAttention)
 
 
 def _matches(name, patterns):
@@ -140,12 +152,23 @@ def quantize_model(model, w_bits, a_bits, scope='model', skip=(),
             _validate_resolved(qname, kind, args)
         return args
 
-    def build_msa(child, qname):
+    timm_attn = timm_attention_wrappers()
+
+    def attention_wrapper(child):
+        """The quantized class of an attention module (None: none)."""
+        if msa_types and isinstance(child, msa_types):
+            return QuantWindowMSA
+        for cls, (forward, wrapper) in timm_attn.items():
+            if isinstance(child, cls) and type(child).forward is forward:
+                return wrapper
+        return None
+
+    def build_msa(child, qname, wrapper):
         m1 = resolve(qname + '.matmul1', 'matmul')
         m2 = resolve(qname + '.matmul2', 'matmul')
         if dry_run:
             return child
-        new = QuantWindowMSA(
+        new = wrapper(
             child, a_bits=a_bits, matmul1=m1,
             matmul2=None if m2 is None else
             {k: v for k, v in m2.items() if k != 'softmax'},
@@ -168,10 +191,11 @@ def quantize_model(model, w_bits, a_bits, scope='model', skip=(),
             skipped = _matches(qname, skip)
             new = None
             is_msa = False
-            if not skipped and msa_types and isinstance(child, msa_types):
-                new = build_msa(child, qname)
+            wrapper = None if skipped else attention_wrapper(child)
+            if wrapper is not None:
+                new = build_msa(child, qname, wrapper)
                 is_msa = True
-            elif not skipped and not isinstance(child, QuantWindowMSA):
+            elif not skipped and not isinstance(child, _ATTENTION_WRAPPERS):
                 for base, wrapper in _WRAPPERS.items():
                     if isinstance(child, base):
                         if type(child).forward not in forwards[base]:

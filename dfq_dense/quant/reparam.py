@@ -21,7 +21,9 @@ folding (their per-channel ranges change).
 
 Pairs folded in a Swin block (mmdet's and mmseg's): ``norm1 -> attn.w_msa
 .qkv``, ``norm2 -> ffn.layers.0.0`` (fc1), and in patch merging
-``downsample.norm -> downsample.reduction``; only where the Linear is a
+``downsample.norm -> downsample.reduction``, and in timm's Swin and ViT /
+DeiT blocks ``norm1 -> attn.qkv``, ``norm2 -> mlp.fc1`` (and timm's patch
+merging ``norm -> reduction``); only where the Linear is a
 :class:`QuantLinear` whose input quantizer is per channel and calibrated.
 
 Zero padding: ``ShiftWindowMSA`` pads the ``norm1`` output with zero tokens
@@ -34,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from .modules import QuantLinear, QuantWindowMSA
+from .timm_modules import QuantTimmAttention, QuantTimmWindowAttention
 
 __all__ = ['find_reparam_pairs', 'reparameterize_layernorms',
            'prepare_reparam_structure']
@@ -43,7 +46,15 @@ _PAIRS = (
     ('norm1', 'attn.w_msa.qkv', 'attn.w_msa'),
     ('norm2', 'ffn.layers.0.0', None),
     ('norm', 'reduction', None),
+    # timm's Swin and ViT / DeiT blocks (classification track)
+    ('norm1', 'attn.qkv', 'attn'),
+    ('norm2', 'mlp.fc1', None),
 )
+# The attention modules a norm1 -> qkv pair passes through: the window
+# attentions get the padding vector (their block zero-pads the norm1
+# output), timm's ViT attention has no padding.
+_PADDED = (QuantWindowMSA, QuantTimmWindowAttention)
+_ATTENTIONS = _PADDED + (QuantTimmAttention, )
 
 
 def _get(module, path):
@@ -70,8 +81,10 @@ def find_reparam_pairs(model):
             if lin.input_quantizer.granularity != 'channel':
                 continue
             msa = _get(mod, msa_path) if msa_path else None
-            if msa_path and not isinstance(msa, QuantWindowMSA):
+            if msa_path and not isinstance(msa, _ATTENTIONS):
                 continue
+            if not isinstance(msa, _PADDED):
+                msa = None  # nothing to restore
             prefix = name + '.' if name else ''
             pairs.append((prefix + lin_path, ln, lin, msa))
     return pairs

@@ -26,8 +26,13 @@ Roles (what a quantized module is, from its qualified name):
 * task parts: ``neck``, ``rpn`` (``rpn_head``), ``roi`` (``roi_head``),
   ``decode_head`` (``decode_head`` and ``auxiliary_head``);
 * ``pred``: the final prediction layers (``fc_cls``, ``fc_reg``,
-  ``conv_logits``, ``rpn_cls``, ``rpn_reg``, ``conv_seg``) -- they also
-  carry their part's role (``roi``, ``rpn``, ``decode_head``).
+  ``conv_logits``, ``rpn_cls``, ``rpn_reg``, ``conv_seg``; a timm
+  classifier's ``head`` / ``head.fc``) -- they also carry their part's
+  role (``roi``, ``rpn``, ``decode_head``).
+
+timm's names map to the same roles: ``attn.qkv`` / ``attn.proj`` (qkv,
+proj), ``mlp.fc1`` / ``mlp.fc2`` (fc1, fc2), ``downsample.reduction``
+(reduction), ``patch_embed.proj`` (patch_embed).
 
 An override entry holds any of ``w_bits``, ``a_bits``, ``weight``, ``act``,
 ``softmax`` (``matmul2`` only) and ``skip`` (True: leave the module FP).
@@ -58,12 +63,16 @@ OVERRIDE_KEYS = ('w_bits', 'a_bits', 'weight', 'act', 'softmax', 'skip')
 
 # Patterns on qualified names (relative to the model).  Block internals are
 # matched anywhere so they also work with scope='backbone' on a bare Swin.
+# The second alternative of qkv / proj / fc1 / fc2 is timm's naming
+# (``blocks.0.attn.qkv``, ``layers.0.blocks.0.mlp.fc1``: Swin and ViT /
+# DeiT classifiers of the classification track).
 _LAYER_PATTERNS = [
     ('patch_embed', re.compile(r'(^|\.)patch_embed\.')),
-    ('qkv', re.compile(r'\.attn\.w_msa\.qkv$|^attn\.w_msa\.qkv$')),
-    ('proj', re.compile(r'\.attn\.w_msa\.proj$')),
-    ('fc1', re.compile(r'\.ffn\.layers\.0\.0$')),
-    ('fc2', re.compile(r'\.ffn\.layers\.1$')),
+    ('qkv', re.compile(r'\.attn\.w_msa\.qkv$|^attn\.w_msa\.qkv$|'
+                       r'(^|\.)attn\.qkv$')),
+    ('proj', re.compile(r'\.attn\.w_msa\.proj$|(^|\.)attn\.proj$')),
+    ('fc1', re.compile(r'\.ffn\.layers\.0\.0$|(^|\.)mlp\.fc1$')),
+    ('fc2', re.compile(r'\.ffn\.layers\.1$|(^|\.)mlp\.fc2$')),
     ('reduction', re.compile(r'\.downsample\.reduction$')),
     ('matmul1', re.compile(r'\.matmul1$')),
     ('matmul2', re.compile(r'\.matmul2$')),
@@ -75,7 +84,11 @@ _PART_PREFIXES = [
     ('decode_head', ('decode_head.', 'auxiliary_head.')),
 ]
 _PRED = re.compile(
-    r'(^|\.)(fc_cls|fc_reg|conv_logits|rpn_cls|rpn_reg|conv_seg)$')
+    r'(^|\.)(fc_cls|fc_reg|conv_logits|rpn_cls|rpn_reg|conv_seg)$|'
+    # a timm classifier's head (Swin: head.fc, ViT / DeiT: head and the
+    # distilled head_dist), at the top of the timm model or of the
+    # TimmClassifier's backbone
+    r'^(backbone\.)?(head(\.fc)?|head_dist)$')
 
 
 def module_roles(name):

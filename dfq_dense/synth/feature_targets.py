@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    'RandomProjectionHead', 'pooled_features', 'random_hard_targets',
+    'RandomProjectionHead', 'ClassifierLogits', 'LABEL_HEADS',
+    'classifier_num_classes', 'label_head', 'pooled_features', 'random_hard_targets',
     'random_soft_targets', 'soft_cross_entropy'
 ]
 
@@ -126,3 +127,65 @@ def soft_cross_entropy(logits: torch.Tensor,
     if total is None:
         return -ce.mean()
     return -(ce.sum() / total)
+
+
+#: Where the class-guided losses take their logits: ``'projection'`` (the
+#: :class:`RandomProjectionHead` stand-in over pooled backbone features, the
+#: backbone-level variant for detectors and segmentors) or ``'classifier'``
+#: (the backbone's own output, the logits of a timm classifier, as the
+#: methods' papers do on ImageNet).
+LABEL_HEADS = ('projection', 'classifier')
+
+
+def classifier_num_classes(backbone) -> int:
+    """The number of classes of a classifier backbone (a timm model:
+    ``num_classes``); ValueError for a backbone that gives no logits."""
+    k = getattr(backbone, 'num_classes', None)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 2 or \
+            not hasattr(backbone, 'forward_head'):
+        raise ValueError(
+            f"label_head='classifier' needs a classifier whose output is "
+            f'class logits (a timm model with num_classes >= 2); '
+            f'{type(backbone).__name__} is not one (use '
+            "label_head='projection')")
+    return k
+
+
+class ClassifierLogits:
+    """The class logits the classifier backbone itself outputs, with the
+    call of :class:`RandomProjectionHead` (``head(feats, start, total)``):
+    ``feats`` is the backbone output, ``(B, K)`` logits (or a one-element
+    sequence of them), returned as they are."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = int(num_classes)
+
+    def __call__(self, feats, start: int = 0,
+                 total: Optional[int] = None) -> torch.Tensor:
+        if not torch.is_tensor(feats):
+            feats = list(feats)
+            if len(feats) != 1:
+                raise ValueError('ClassifierLogits: the backbone gave '
+                                 f'{len(feats)} outputs, expected logits')
+            feats = feats[0]
+        if feats.dim() != 2 or feats.shape[-1] != self.num_classes:
+            raise ValueError(
+                f'ClassifierLogits: backbone output {tuple(feats.shape)} '
+                f'is not (B, {self.num_classes}) class logits')
+        return feats
+
+
+def label_head(kind: str, backbone, num_classes: int, logit_scale: float,
+               seed: int):
+    """``(head, num_classes)`` of a method's class-guided loss: the
+    classifier's own logits (``kind='classifier'``, ``num_classes`` that of
+    the classifier) or the random projection (``'projection'``)."""
+    if kind == 'classifier':
+        k = classifier_num_classes(backbone)
+        return ClassifierLogits(k), k
+    if kind != 'projection':
+        raise ValueError(f'label_head must be one of {LABEL_HEADS}, got '
+                         f'{kind!r}')
+    return RandomProjectionHead(num_classes=num_classes,
+                                logit_scale=logit_scale, seed=seed), \
+        num_classes

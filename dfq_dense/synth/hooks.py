@@ -46,6 +46,7 @@ from torch import nn
 
 __all__ = [
     'SwinAttnRecorder', 'AttnOutputRecorder', 'WindowAttentionSite',
+    'TimmWindowAttentionSite', 'TimmAttentionSite', 'timm_window_valid_mask',
     'swin_attention_sites', 'find_shift_window_msa', 'window_valid_mask',
     'split_qkv', 'qk_logits', 'RECORDABLE'
 ]
@@ -192,12 +193,219 @@ class WindowAttentionSite:
         return window_valid_mask(hw_shape, self.window_size, self.shift_size,
                                  device)
 
+    #: tokens in front of the patch tokens (a CLS token) of every window
+    prefix_tokens = 0
+
+    def hooks(self, what: str):
+        """``[(module, kind, read)]`` giving record ``what``: ``kind``
+        ``'pre'`` (a forward pre-hook, ``read(rec, args, kwargs, None)``)
+        or ``'out'`` (a forward hook, ``read(rec, args, None, output)``);
+        ``read`` returns the ``(B_img * nW, ...)`` tensor of the record,
+        or None when it only kept something in ``rec`` for a later hook.
+        Empty when the attention lacks the module."""
+        mod = self.tap(what)
+        if mod is None:
+            return []
+        if what == 'feat':
+            return [(mod, 'pre', lambda rec, args, kw, out: args[0])]
+        if what == 'logits':
+            return [(mod, 'out',
+                     lambda rec, args, kw, out: self.logits(out))]
+        return [(mod, 'out', lambda rec, args, kw, out: out)]
+
+
+def _timm_classes():
+    """timm's Swin block, Swin window attention and ViT attention classes
+    (None each without timm)."""
+    try:
+        from timm.layers.attention import Attention
+        from timm.models.swin_transformer import (SwinTransformerBlock,
+                                                  WindowAttention)
+    except ImportError:  # pragma: no cover
+        return None, None, None
+    return SwinTransformerBlock, WindowAttention, Attention
+
+
+def timm_window_valid_mask(hw_shape, window_size, shift_size=(0, 0),
+                           device=None) -> torch.Tensor:
+    """Validity of the window tokens of one image in timm's Swin block,
+    ``(nW, wh * ww)``: ones ``(1, H, W, 1)`` -> ``torch.roll(-shift)`` ->
+    ``F.pad`` right/bottom to multiples of the window (timm pads *after*
+    the shift, mmdet before) -> window partition (row-major)."""
+    H, W = int(hw_shape[0]), int(hw_shape[1])
+    wh, ww = (int(v) for v in window_size)
+    mask = torch.ones((1, H, W, 1), device=device)
+    if any(shift_size):
+        mask = torch.roll(mask, shifts=(-int(shift_size[0]),
+                                        -int(shift_size[1])), dims=(1, 2))
+    mask = F.pad(mask, (0, 0, 0, (ww - W % ww) % ww, 0, (wh - H % wh) % wh))
+    Hp, Wp = mask.shape[1], mask.shape[2]
+    mask = mask.view(1, Hp // wh, wh, Wp // ww, ww, 1)
+    mask = mask.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww)
+    return mask > 0.5
+
+
+class TimmWindowAttentionSite(WindowAttentionSite):
+    """One window attention of timm's Swin (classification track).
+
+    ``block`` is a ``timm.models.swin_transformer.SwinTransformerBlock``
+    (its forward, ``x`` ``(B, H, W, C)``, holds one attention call: shift,
+    pad, partition, ``block.attn``), ``w_msa`` its ``attn`` (timm's
+    ``WindowAttention`` or
+    :class:`~dfq_dense.quant.timm_modules.QuantTimmWindowAttention`).
+    The logits are split from the ``qkv`` output as timm does; ``probs``
+    are the softmax output when the attention runs its explicit branch
+    (the quantized module, or timm's with ``fused_attn`` False) and
+    otherwise (timm's fused ``scaled_dot_product_attention``) recomputed
+    from the ``qkv`` output, the relative position bias and the shift mask
+    of the call, ``softmax(q k^T * scale + bias + mask)``: what the fused
+    kernel computes.
+    """
+
+    def __init__(self, name: str, block: nn.Module):
+        self.name = name
+        self.block = block
+        self.w_msa = block.attn
+        ws, ss = tuple(block.window_size), tuple(block.shift_size)
+        self.window_hw, self.shift_hw = ws, ss
+        # int for square windows (what the records and block_specs give)
+        self.window_size = ws[0] if ws[0] == ws[1] else ws
+        self.shift_size = ss[0] if ss[0] == ss[1] else ss
+
+    @staticmethod
+    def call_shape(args, kwargs):
+        x = args[0] if args else kwargs['x']
+        return (int(x.shape[1]), int(x.shape[2])), int(x.shape[0])
+
+    def valid(self, hw_shape, device):
+        return timm_window_valid_mask(hw_shape, self.window_hw,
+                                      self.shift_hw, device)
+
+    def _explicit(self) -> bool:
+        return not getattr(self.w_msa, 'fused_attn', False)
+
+    def rel_pos_bias(self) -> torch.Tensor:
+        """``(1, heads, N, N)``, as ``WindowAttention._get_rel_pos_bias``."""
+        m = self.w_msa
+        n = m.window_area
+        bias = m.relative_position_bias_table[
+            m.relative_position_index.view(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def hooks(self, what):
+        if what != 'probs' or self._explicit():
+            return super().hooks(what)
+        qkv = self.tap('logits')
+        if qkv is None:
+            return []
+
+        def keep_mask(rec, args, kw, out):
+            rec['_mask'] = kw.get('mask', args[1] if len(args) > 1 else None)
+
+        def probs(rec, args, kw, out):
+            attn = self.logits(out) + self.rel_pos_bias()
+            mask = rec.pop('_mask', None)
+            if mask is not None:
+                nw, n = mask.shape[0], attn.shape[-1]
+                attn = attn.view(-1, nw, self.num_heads, n, n) + \
+                    mask.unsqueeze(1).unsqueeze(0)
+                attn = attn.view(-1, self.num_heads, n, n)
+            return attn.softmax(-1)
+
+        return [(self.w_msa, 'pre', keep_mask), (qkv, 'out', probs)]
+
+
+class TimmAttentionSite(WindowAttentionSite):
+    """One global attention of timm's ViT / DeiT, seen as a single window
+    of all ``N`` tokens (CLS and other prefix tokens first).
+
+    ``block`` and ``w_msa`` are both the attention module (timm's
+    ``Attention`` or :class:`~dfq_dense.quant.timm_modules
+    .QuantTimmAttention`): its forward, ``x`` ``(B, N, C)``, is one call.
+    ``prefix_tokens`` (the model's ``num_prefix_tokens``: 1 for DeiT's CLS,
+    2 with a distillation token) go into the records, so that PSAQ-ViT's
+    patch similarity can use the patch tokens only, as the official code
+    does (see :func:`~dfq_dense.synth.losses.patch_tokens`); ``valid`` is
+    True everywhere (no padding).  ``hw_shape`` is the patch grid
+    (``grid``, from the model's patch embedding) when it matches the
+    tokens, else ``(1, patches)``.  The logits apply timm's ``q_norm`` /
+    ``k_norm``; ``probs`` are the quantized module's softmax output, else
+    recomputed from the ``qkv`` output (timm calls ``Tensor.softmax`` or a
+    fused kernel: no module to hook) with the call's ``attn_mask``.
+    """
+
+    def __init__(self, name: str, attn: nn.Module, prefix_tokens: int = 0,
+                 grid=None):
+        self.name = name
+        self.block = attn
+        self.w_msa = attn
+        self.prefix_tokens = int(prefix_tokens)
+        self.grid = tuple(int(g) for g in grid) if grid else None
+        self.window_size = None  # set per call: all tokens
+        self.shift_size = 0
+
+    def call_shape(self, args, kwargs):
+        x = args[0] if args else kwargs['x']
+        n = int(x.shape[1]) - self.prefix_tokens
+        hw = self.grid if self.grid and self.grid[0] * self.grid[1] == n \
+            else (1, n)
+        return hw, int(x.shape[0])
+
+    def valid(self, hw_shape, device):
+        n = int(hw_shape[0]) * int(hw_shape[1]) + self.prefix_tokens
+        return torch.ones((1, n), dtype=torch.bool, device=device)
+
+    def logits(self, qkv_out):
+        m = self.w_msa
+        B, N, _ = qkv_out.shape
+        qkv = qkv_out.reshape(B, N, 3, m.num_heads, m.head_dim).permute(
+            2, 0, 3, 1, 4)
+        q, k = m.q_norm(qkv[0]), m.k_norm(qkv[1])
+        return (q * m.scale) @ k.transpose(-2, -1)
+
+    def hooks(self, what):
+        if what != 'probs' or isinstance(self.tap('probs'), nn.Softmax):
+            return super().hooks(what)
+        from timm.layers.attention import resolve_self_attn_mask
+        qkv = self.tap('logits')
+
+        def keep_mask(rec, args, kw, out):
+            rec['_mask'] = (kw.get('attn_mask', args[1] if len(args) > 1
+                                   else None), kw.get('is_causal', False))
+
+        def probs(rec, args, kw, out):
+            attn = self.logits(out)
+            mask, causal = rec.pop('_mask', (None, False))
+            bias = resolve_self_attn_mask(attn.shape[-1], attn, mask, causal)
+            return (attn if bias is None else attn + bias).softmax(-1)
+
+        return [(self.w_msa, 'pre', keep_mask), (qkv, 'out', probs)]
+
 
 def swin_attention_sites(backbone: nn.Module) -> List[WindowAttentionSite]:
-    """A :class:`WindowAttentionSite` per ``ShiftWindowMSA``, forward
-    order."""
-    return [WindowAttentionSite(name, mod)
-            for name, mod in find_shift_window_msa(backbone)]
+    """The attention sites of ``backbone``, forward order: a
+    :class:`WindowAttentionSite` per ``ShiftWindowMSA`` (mmdet / mmseg
+    Swin), a :class:`TimmWindowAttentionSite` per timm
+    ``SwinTransformerBlock`` and a :class:`TimmAttentionSite` per timm ViT /
+    DeiT ``Attention`` (or their quantized replacements)."""
+    sites = [WindowAttentionSite(name, mod)
+             for name, mod in find_shift_window_msa(backbone)]
+    swin_block, window_attn, vit_attn = _timm_classes()
+    if swin_block is None:
+        return sites
+    prefix = int(getattr(backbone, 'num_prefix_tokens', 0) or 0)
+    embed = getattr(backbone, 'patch_embed', None)
+    grid = getattr(embed, 'grid_size', None)
+    for name, mod in backbone.named_modules():
+        if isinstance(mod, swin_block):
+            sites.append(TimmWindowAttentionSite(name, mod))
+        elif (isinstance(mod, vit_attn) and
+              type(mod).forward is vit_attn.forward) or \
+                getattr(mod, 'records_as', None) == 'timm_vit_attention':
+            # timm's Attention, or a module standing in for it (the
+            # quantized one says so: synth/ does not import quant/)
+            sites.append(TimmAttentionSite(name, mod, prefix, grid))
+    return sites
 
 
 class SwinAttnRecorder:
@@ -215,6 +423,8 @@ class SwinAttnRecorder:
                    or (B_img, nW, N, N) averaged over the heads
                    (average_heads_probs=True),
          'valid':  (B_img, nW, N) bool, False on Swin's padding tokens,
+         'prefix_tokens': tokens before the patch tokens of every window
+                   (1 for DeiT's CLS token, 0 for Swin),
          'name': module name, 'hw_shape': (H, W), 'shift_size': int,
          'window_size': int, 'num_heads': int,
          'depth': l in 1..L (the attention's index over all stages),
@@ -257,7 +467,8 @@ class SwinAttnRecorder:
         self.sites = swin_attention_sites(backbone)
         if not self.sites:
             raise ValueError(
-                f'{cls} needs a Swin backbone with ShiftWindowMSA attention; '
+                f'{cls} needs a Swin backbone with ShiftWindowMSA attention '
+                '(mmdet / mmseg) or a timm Swin / ViT / DeiT classifier; '
                 f'found {type(backbone).__name__}')
         record = tuple(record)
         unknown = [r for r in record if r not in RECORDABLE]
@@ -280,23 +491,20 @@ class SwinAttnRecorder:
         for idx, site in enumerate(self.sites):
             taps = {}
             for what in record:
-                taps[what] = site.tap(what)
-                if taps[what] is None:
+                taps[what] = site.hooks(what)
+                if not taps[what]:
                     raise ValueError(
                         f'{cls}: {site.name}.w_msa '
                         f'({type(site.w_msa).__name__}) has no '
                         f'`{site.TAPS[what]}` module to hook')
             self._handles.append(site.block.register_forward_pre_hook(
                 self._open_hook(idx, site), with_kwargs=True))
-            if 'logits' in taps:
-                self._handles.append(taps['logits'].register_forward_hook(
-                    self._logits_hook(idx, site)))
-            if 'probs' in taps:
-                self._handles.append(taps['probs'].register_forward_hook(
-                    self._probs_hook(idx)))
-            if 'feat' in taps:
-                self._handles.append(taps['feat'].register_forward_pre_hook(
-                    self._feat_hook(idx, site)))
+            # registered in the order the existing Swin hooks always were
+            for what in ('logits', 'probs', 'feat'):
+                for module, kind, read in taps.get(what, ()):
+                    self._handles.append(self._register(
+                        module, kind, self._read_hook(idx, site, what,
+                                                      read)))
             self._handles.append(site.block.register_forward_hook(
                 self._close_hook(idx)))
 
@@ -308,13 +516,16 @@ class SwinAttnRecorder:
             if not self.enabled:
                 return
             hw_shape, b_img = site.call_shape(args, kwargs)
-            query = args[0] if args else kwargs['query']
+            first = args[0] if args else next(iter(kwargs.values()))
+            valid = self._valid(site, hw_shape, first.device)
             self._pending[idx] = dict(
                 name=site.name, hw_shape=hw_shape,
-                shift_size=site.shift_size, window_size=site.window_size,
+                shift_size=site.shift_size,
+                window_size=site.window_size if site.window_size is not None
+                else valid.shape[-1],
                 num_heads=site.num_heads, depth=idx + 1,
                 num_blocks=self.num_blocks, b_img=b_img,
-                valid_win=self._valid(site, hw_shape, query.device))
+                prefix_tokens=site.prefix_tokens, valid_win=valid)
 
         return hook
 
@@ -328,42 +539,39 @@ class SwinAttnRecorder:
             f'{rec["hw_shape"]}, window {rec["window_size"]}, batch {b_img}')
         return t.reshape(b_img, nw, *t.shape[1:])
 
-    def _feat_hook(self, idx, site):
+    @staticmethod
+    def _register(module, kind, hook):
+        if kind == 'pre':
+            return module.register_forward_pre_hook(
+                lambda m, args, kwargs: hook(args, kwargs, None),
+                with_kwargs=True)
+        return module.register_forward_hook(
+            lambda m, args, output: hook(args, {}, output))
 
-        def hook(module, args):
-            rec = self._pending.get(idx)
-            if rec is None:
-                return  # proj called outside ShiftWindowMSA.forward
-            feat = self._windows(args[0], rec, 'proj input')
-            if self.average_heads:
-                b_img, nw, n, c = feat.shape
-                heads = site.num_heads
-                feat = feat.reshape(b_img, nw, n, heads, c // heads).mean(3)
-            rec['feat'] = feat
+    def _read_hook(self, idx, site, what, read):
+        """A hook that puts what ``read`` returns into the open record of
+        attention ``idx`` as ``what`` (windowed, heads averaged as asked).
+        Nothing happens outside an attention call (e.g. ``proj`` or
+        ``qkv`` called on their own)."""
+        label = dict(feat='proj input', logits='qk logits',
+                     probs='attention')[what]
 
-        return hook
-
-    def _logits_hook(self, idx, site):
-
-        def hook(module, args, output):
-            rec = self._pending.get(idx)
-            if rec is None:
-                return  # qkv called outside ShiftWindowMSA.forward
-            rec['logits'] = self._windows(site.logits(output), rec,
-                                          'qk logits')
-
-        return hook
-
-    def _probs_hook(self, idx):
-
-        def hook(module, args, output):
+        def hook(args, kwargs, output):
             rec = self._pending.get(idx)
             if rec is None:
                 return
-            probs = self._windows(output, rec, 'attention')
-            if self.average_heads_probs:
-                probs = probs.mean(2)
-            rec['probs'] = probs
+            value = read(rec, args, kwargs, output)
+            if value is None:
+                return
+            value = self._windows(value, rec, label)
+            if what == 'feat' and self.average_heads:
+                b_img, nw, n, c = value.shape
+                heads = site.num_heads
+                value = value.reshape(b_img, nw, n, heads,
+                                      c // heads).mean(3)
+            elif what == 'probs' and self.average_heads_probs:
+                value = value.mean(2)
+            rec[what] = value
 
         return hook
 
@@ -375,13 +583,16 @@ class SwinAttnRecorder:
                 return
             b_img = rec.pop('b_img')
             valid = rec.pop('valid_win')
+            for key in [k for k in rec if k.startswith('_')]:
+                del rec[key]  # what a site kept between its hooks
             rec['valid'] = valid.unsqueeze(0).expand(b_img, *valid.shape)
             self.records.append(rec)
 
         return hook
 
     def _valid(self, site, hw_shape, device):
-        key = (hw_shape, site.window_size, site.shift_size, str(device))
+        key = (type(site), hw_shape, site.window_size, site.shift_size,
+               site.prefix_tokens, str(device))
         if key not in self._mask_cache:
             self._mask_cache[key] = site.valid(hw_shape, device)
         return self._mask_cache[key]

@@ -12,7 +12,7 @@ __all__ = [
     'window_similarity', 'pair_mask', 'patch_similarity', 'kde',
     'GaussianKDE', 'gaussian_kde', 'kde_entropy', 'pse_entropy',
     'psaq_entropy_loss', 'total_variation', 'tv_prior_loss', 'scaled_tau',
-    'pse_bounds', 'kde_grid_points', 'kde_chunk_of'
+    'pse_bounds', 'kde_grid_points', 'kde_chunk_of', 'patch_tokens'
 ]
 
 #: Pixels of the batch the PSAQ-ViT TV target was tuned for (32 x 224 x 224).
@@ -521,6 +521,20 @@ def pse_entropy(feat: torch.Tensor,
     return _trapezoid_entropy(p, points, eps)
 
 
+def patch_tokens(rec: Dict) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(feat, valid)`` of a recorder's record without its prefix tokens
+    (``rec['prefix_tokens']``: DeiT's CLS token), the tokens PSAQ-ViT's
+    patch similarity is taken over: the official code
+    (github.com/zkkli/PSAQ-ViT) uses the patch tokens of DeiT only.  Swin
+    records have none and are returned as they are."""
+    feat, valid = rec['feat'], rec.get('valid')
+    p = int(rec.get('prefix_tokens', 0) or 0)
+    if p:
+        feat = feat[..., p:, :]
+        valid = None if valid is None else valid[..., p:]
+    return feat, valid
+
+
 def pse_bounds(records: Sequence[Dict],
                diagonal: bool = True,
                drop_first_token: bool = False,
@@ -535,9 +549,9 @@ def pse_bounds(records: Sequence[Dict],
     out = []
     with torch.no_grad():
         for rec in records:
-            samples, weights = _pse_samples(rec['feat'], rec.get('valid'),
-                                            diagonal, drop_first_token, None,
-                                            None)
+            feat, valid = patch_tokens(rec)
+            samples, weights = _pse_samples(feat, valid, diagonal,
+                                            drop_first_token, None, None)
             out.append(_kde_bounds(samples, weights, 'batch', chunk))
     return out
 
@@ -561,7 +575,9 @@ def psaq_entropy_loss(records: Sequence[Dict],
     patch similarity at every hooked attention layer.  ``H`` is
     :func:`pse_entropy` of each record; the defaults (diagonal kept, one
     KDE grid per layer over the whole batch, every token, every similarity)
-    are those of the official PSAQ-ViT code, padding tokens excluded.  The
+    are those of the official PSAQ-ViT code, padding tokens excluded, the
+    patch tokens only (a DeiT record's CLS token dropped, see
+    :func:`patch_tokens`).  The
     options ``diagonal``, ``grid``, ``drop_first_token``, ``max_samples``
     (with ``generator``), ``chunk`` and ``eps`` are described there.
 
@@ -591,7 +607,8 @@ def psaq_entropy_loss(records: Sequence[Dict],
                          f'{len(records)} records')
     ents = []
     for k, rec in enumerate(records):
-        h = pse_entropy(rec['feat'], rec.get('valid'), bandwidth, num_points,
+        feat, valid = patch_tokens(rec)
+        h = pse_entropy(feat, valid, bandwidth, num_points,
                         eps, diagonal=diagonal, grid=grid,
                         drop_first_token=drop_first_token,
                         max_samples=max_samples, generator=generator,

@@ -25,7 +25,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..registry import MODELS
 from .base import get_backbone, parse_components, roll_flip
-from .feature_targets import RandomProjectionHead, random_hard_targets
+from .feature_targets import (LABEL_HEADS, ClassifierLogits,
+                              RandomProjectionHead, classifier_num_classes,
+                              random_hard_targets)
 from .loop import PixelSynthesizer
 from .losses import tv_prior_loss
 from .qk_hooks import AttnLogitsRecorder
@@ -415,6 +417,12 @@ class MimiQ(PixelSynthesizer):
         tv_weight, tv_ref_pixels, tv_tau_range: TV term (see above).
         num_classes, logit_scale: the
             :class:`~dfq_dense.synth.feature_targets.RandomProjectionHead`.
+        label_head: where the pseudo-label CE takes its logits:
+            ``'projection'`` (the random projection of the pooled backbone
+            features, the backbone-level variant for detectors and
+            segmentors) or ``'classifier'`` (a timm classifier's own
+            logits, as MimiQ does on ImageNet; ``num_classes`` is then the
+            classifier's, ``logit_scale`` unused).
         ssim_c1, ssim_c2: SSIM constants (0.01^2, 0.03^2).
         head_pairs: head pairs of the similarity (see
             :func:`inter_head_similarity`): ``'all'`` (H x H with the
@@ -465,6 +473,7 @@ class MimiQ(PixelSynthesizer):
                  tv_tau_range: Optional[Tuple[float, float]] = None,
                  num_classes: int = 100,
                  logit_scale: float = 1.0,
+                 label_head: str = 'projection',
                  ssim_c1: float = SSIM_C1,
                  ssim_c2: float = SSIM_C2,
                  head_pairs: str = 'all',
@@ -507,13 +516,25 @@ class MimiQ(PixelSynthesizer):
             raise ValueError(f'MimiQ: head_pairs must be one of '
                              f'{HEAD_PAIRS}, got {head_pairs!r}')
         self.head_pairs = head_pairs
+        if label_head not in LABEL_HEADS:
+            raise ValueError(f'MimiQ: label_head must be one of '
+                             f'{LABEL_HEADS}, got {label_head!r}')
+        self.label_head = label_head
         self.head = RandomProjectionHead(num_classes=num_classes,
                                          logit_scale=logit_scale, seed=seed)
+
+    def _use_classifier(self, backbone):
+        """``label_head='classifier'``: the CE on the classifier's logits,
+        labels over its classes."""
+        if self.label_head == 'classifier':
+            self.num_classes = classifier_num_classes(backbone)
+            self.head = ClassifierLogits(self.num_classes)
 
     def check_model(self, model):
         """MimiQ hooks Swin window attention: fail early without it."""
         super().check_model(model)
         AttnLogitsRecorder(get_backbone(model)).remove()
+        self._use_classifier(get_backbone(model))
 
     # ------------------------------------------------------------- schedule
     def lr_at(self, it: int) -> float:
@@ -578,6 +599,7 @@ class MimiQ(PixelSynthesizer):
         """The batch's random labels, the generator of its pixel noise and,
         with ``head_similarity``, the logits recorder."""
         gen = state.generator
+        self._use_classifier(state.backbone)
         state.targets = random_hard_targets(state.n, self.num_classes,
                                             gen).to(state.device)
         state.noise_gen = None

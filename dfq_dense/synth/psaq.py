@@ -9,9 +9,12 @@ plus a total-variation prior.
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from ..registry import MODELS
 from .base import PixelAdamMixin, get_backbone
+from .feature_targets import (ClassifierLogits, classifier_num_classes,
+                              random_hard_targets)
 from .hooks import AttnOutputRecorder
 from .losses import (GRIDS, TAU_REF_PIXELS, kde_chunk_of, kde_grid_points,
                      psaq_entropy_loss, pse_bounds)
@@ -72,6 +75,14 @@ class PSAQViT(PixelAdamMixin, PixelSynthesizer):
         tv_weight, tau_range, tau_ref_pixels: TV prior (see
             :func:`~dfq_dense.synth.losses.tv_prior_loss`).
         bandwidth, num_points: KDE settings (0.01, 10).
+        label_head: None (default, the backbone-level variant: no label
+            term, nothing but the backbone's attention is read) or
+            ``'classifier'``: PSAQ-ViT's one-hot loss of the paper and the
+            official code, ``ce_weight * CrossEntropy(logits, y)`` with
+            ``y`` uniform random labels over the classifier's classes,
+            drawn once per batch, on the logits of a timm classifier
+            backbone (the classification track).
+        ce_weight: weight of that loss (1.0, as the official code).
 
     Patch-similarity entropy (see
     :func:`~dfq_dense.synth.losses.pse_entropy`).  The defaults are the
@@ -145,6 +156,8 @@ class PSAQViT(PixelAdamMixin, PixelSynthesizer):
                  grid: str = 'batch',
                  drop_first_token: bool = False,
                  kde_chunk: Union[int, str, None] = 'auto',
+                 label_head: Optional[str] = None,
+                 ce_weight: float = 1.0,
                  micro_batch_size: Optional[int] = None,
                  with_cp: bool = False,
                  log_interval: int = 50,
@@ -171,6 +184,12 @@ class PSAQViT(PixelAdamMixin, PixelSynthesizer):
         self.grid = grid
         self.drop_first_token = bool(drop_first_token)
         self.kde_chunk = kde_chunk
+        if label_head not in (None, 'classifier'):
+            raise ValueError(f"{type(self).__name__}: label_head must be None "
+                             f"or 'classifier', got {label_head!r}")
+        self.label_head = label_head
+        self.ce_weight = float(ce_weight)
+        self.num_classes = None
         if micro_batch_size is not None and max_samples is not None:
             raise ValueError(f'{type(self).__name__}: micro_batch_size does '
                              'not work with max_samples (the subsample '
@@ -187,17 +206,21 @@ class PSAQViT(PixelAdamMixin, PixelSynthesizer):
             drop_first_token=self.drop_first_token, chunk=self.kde_chunk)
 
     def check_model(self, model):
-        """PSAQ-ViT hooks Swin window attention: fail early without it."""
+        """PSAQ-ViT hooks Swin window attention: fail early without it
+        (and, with ``label_head='classifier'``, without class logits)."""
         super().check_model(model)
         AttnOutputRecorder(get_backbone(model)).remove()
+        if self.label_head == 'classifier':
+            self.num_classes = classifier_num_classes(get_backbone(model))
 
     # ------------------------------------------------------- loop pieces
-    LOSS_TERMS = ('entropy', 'tv')
+    LOSS_TERMS = ('entropy', 'ce', 'tv')
 
     @property
     def weights(self):
-        """The entropy's weight; the TV prior carries ``tv_weight``."""
-        return dict(entropy=self.entropy_weight)
+        """The entropy's and the one-hot loss's weights; the TV prior
+        carries ``tv_weight``."""
+        return dict(entropy=self.entropy_weight, ce=self.ce_weight)
 
     def make_optimizer(self, x):
         """One Adam for all rounds, as the official code."""
@@ -206,6 +229,15 @@ class PSAQViT(PixelAdamMixin, PixelSynthesizer):
     def start_batch(self, state):
         state.tau = self.draw_tau(state.generator)  # None: one per iteration
         state.recorder = AttnOutputRecorder(state.backbone)
+        state.labels = None
+        if self.label_head == 'classifier':
+            # from a copy of the batch's generator: the backbone-level
+            # variant's draws (jitter, flips) stay the same
+            self.num_classes = classifier_num_classes(state.backbone)
+            g = torch.Generator()
+            g.set_state(state.generator.get_state())
+            state.labels = random_hard_targets(
+                state.n, self.num_classes, g).to(state.device)
 
     def pass_input(self, state, p):
         return self.augment(state.x, state.generator,
@@ -215,9 +247,13 @@ class PSAQViT(PixelAdamMixin, PixelSynthesizer):
         loss_ent, ents = self.entropy_loss(state.recorder.records,
                                            state.generator)
         state.logs['mean_entropy'] = ents.mean()
-        loss_tv = self.tv_prior(self.tv_input(state.x, inputs),
-                                state.generator, state.tau)
-        return dict(entropy=loss_ent, tv=loss_tv)
+        terms = dict(entropy=loss_ent)
+        if state.labels is not None:
+            terms['ce'] = F.cross_entropy(ClassifierLogits(
+                self.num_classes)(feats), state.labels)
+        terms['tv'] = self.tv_prior(self.tv_input(state.x, inputs),
+                                    state.generator, state.tau)
+        return terms
 
     # --------------------------------------------------- micro-batching
     def prepare_chunks(self, state, p, chunks):
@@ -257,7 +293,12 @@ class PSAQViT(PixelAdamMixin, PixelSynthesizer):
         state.ent_acc = ents if state.ent_acc is None else \
             state.ent_acc + ents
         state.logs['mean_entropy'] = state.ent_acc.mean()
-        return dict(entropy=loss_ent)
+        terms = dict(entropy=loss_ent)
+        if state.labels is not None:
+            terms['ce'] = F.cross_entropy(
+                ClassifierLogits(self.num_classes)(feats),
+                state.labels[mb.index], reduction='sum') / mb.total
+        return terms
 
     def pixel_terms(self, state, p, inputs):
         """The TV prior on the whole (jittered) batch."""

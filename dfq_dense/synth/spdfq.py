@@ -26,7 +26,9 @@ from torch import nn
 
 from ..registry import MODELS
 from .base import PixelAdamMixin, get_backbone
-from .feature_targets import (RandomProjectionHead, random_hard_targets,
+from .feature_targets import (LABEL_HEADS, ClassifierLogits,
+                              RandomProjectionHead, classifier_num_classes,
+                              random_hard_targets,
                               random_soft_targets, soft_cross_entropy)
 from .hooks import SwinAttnRecorder
 from .loop import PixelSynthesizer, SynthPass
@@ -505,6 +507,11 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
             paper) or ``'fixed'`` (K per image, fixed for the batch).
         apa_heads: ``'sum'`` (paper) or ``'mean'`` over the heads.
         num_classes, logit_scale, soft_range: random head and soft targets.
+        label_head: where the soft-label CE takes its logits:
+            ``'projection'`` (the random projection of the pooled backbone
+            features, the backbone-level variant) or ``'classifier'`` (a
+            timm classifier's own logits, as the paper on ImageNet;
+            ``num_classes`` is then the classifier's).
         label_weight: weight of ``L_SL`` (1.0).
         tv_weight, tau_range, tau_ref_pixels: TV prior.
         components: the ablation switches above.
@@ -542,6 +549,7 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
                  apa_heads: str = 'sum',
                  num_classes: int = 1000,
                  logit_scale: float = 1.0,
+                 label_head: str = 'projection',
                  soft_range: Tuple[float, float] = (5.0, 10.0),
                  label_weight: float = 1.0,
                  tv_weight: float = 0.05,
@@ -595,13 +603,36 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
         self.head = RandomProjectionHead(num_classes=self.num_classes,
                                          logit_scale=logit_scale,
                                          seed=self.seed)
+        if label_head not in LABEL_HEADS:
+            raise ValueError(f'SPDFQ: label_head must be one of '
+                             f'{LABEL_HEADS}, got {label_head!r}')
+        self.label_head = label_head
         if self.components['msr'] and self.num_patches < 1:
             raise ValueError('SPDFQ: num_patches must be >= 1 with msr on')
 
+    def _use_classifier(self, backbone):
+        """``label_head='classifier'``: the CE on the classifier's logits,
+        targets over its classes."""
+        if self.label_head == 'classifier':
+            self.num_classes = classifier_num_classes(backbone)
+            self.head = ClassifierLogits(self.num_classes)
+
     def check_model(self, model):
-        """SPDFQ hooks Swin window attention: ValueError without it."""
+        """SPDFQ hooks Swin window attention: ValueError without it (its
+        priors are maps over square windows: a ViT / DeiT's global
+        attention is refused)."""
         super().check_model(model)
-        AttnProbRecorder(get_backbone(model)).remove()
+        rec = AttnProbRecorder(get_backbone(model))
+        specs = rec.block_specs()
+        rec.remove()
+        if self.components['apa'] and any(
+                not isinstance(ws, int) for _, ws in specs):
+            raise ValueError(
+                'SPDFQ\'s attention priors are Gaussian-mixture maps over '
+                'square Swin windows; this backbone has global (ViT / DeiT) '
+                'or non-square window attention (switch APA off with '
+                'components=dict(apa=False))')
+        self._use_classifier(get_backbone(model))
 
     # --------------------------------------------------------------- targets
     def _targets(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -640,6 +671,7 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
         targets (``'fixed'``) or one target per image and grid cell
         (``'random'``).  The recorder is kept with APA only."""
         comps, n, gen = self.components, state.n, state.generator
+        self._use_classifier(state.backbone)
         rec = AttnProbRecorder(state.backbone)  # also checks the backbone
         if comps['apa']:
             state.recorder = rec

@@ -1,0 +1,17 @@
+_base_ = [
+    './_base_/models/swin_tiny_patch4_window7_224.py',
+    './_base_/dfq_cls_runtime.py',
+    '../_base_/methods/psaq_vit.py',  # data source
+    '../_base_/quantizers/naive.py',  # quantizer setting
+    '../_base_/bits/w4a8.py',  # bits
+]
+# Swin-T (timm swin_tiny_patch4_window7_224.ms_in1k, FP top-1 81.2) on ImageNet val
+# (data/imagenet/val/<wnid>/*.JPEG), synthesis at 224x224.  Weights: pass
+# the file as CHECKPOINT to tools/dfq_test.py (or model.checkpoint, or
+# timm's cache).
+# The classifier's logits exist on this track: PSAQ-ViT's one-hot loss
+# (cross-entropy to random labels) is on, as in the paper;
+# label_head=None is the backbone-level variant of the dense configs.
+dfq = dict(synthesizer=dict(label_head='classifier'))
+# Naive quantizer, as PSAQ-ViT reports W8A8 and W4A8.
+work_dir = './work_dirs/cls/swin_t_w4a8'
