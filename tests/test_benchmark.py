@@ -292,8 +292,24 @@ def test_budget_composes_flops_with_the_schedule():
     # the real config's schedule is read from the config
     real = budget.schedule('configs/mask_rcnn_swin_s_w8a8.py')
     assert real == dict(method='PSAQViT', num_images=32, batch_size=8,
-                        iterations=1000, calib_images=32, task='det',
-                        eval_images=5000)
+                        iterations=1000, adapter=None,
+                        sample_step_iterations=0, calib_images=32,
+                        task='det', eval_images=5000)
+    # PSAQ-ViT V2: its start images (2 rounds x 500, the class default)
+    # and its sample steps, 4 rounds x 50 iterations on all 32 images
+    v2 = budget.schedule('configs/reproduce/'
+                         'psaq-vit-v2_cascade_swin-s_w8a8.py')
+    assert v2['iterations'] == 1000 and v2['adapter'] == 'PSAQViTV2Rounds'
+    assert v2['sample_step_iterations'] == 4 * 50 * 32
+    flops['rows'].append(dict(kind='synthesis', model='mask_rcnn_swin_s',
+                              method='psaq_vit_v2', flops=5e12))
+    est = budget.estimate_run(flops, 'mask_rcnn_swin_s', dict(
+        sched, sample_step_iterations=6400), tflops=10)
+    # the adapter runs on every rank: the same on 8 GPUs
+    assert est['gpus']['1']['adaptation_s'] == pytest.approx(5e12 * 6400 /
+                                                             1e13)
+    assert est['gpus']['8']['adaptation_s'] == \
+        est['gpus']['1']['adaptation_s']
     assert budget.schedule('configs/upernet_swin_b_w8a8.py')[
         'eval_images'] == 2000
 

@@ -27,6 +27,7 @@ def _json(name):
     ('bench-calibration', 'calibration', 'calibration.json'),
     ('bench-pse', 'pse', 'pse.json'),
     ('bench-synthesis', 'synthesis', 'synthesis.json'),
+    ('bench-flops', 'flops', 'flops.json'),
 ])
 def test_readme_benchmark_tables_match_their_json(block, section, name):
     """``tools/benchmark.py <section>`` renders the committed JSON into the

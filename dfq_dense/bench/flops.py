@@ -163,7 +163,12 @@ def run(args, device, checkpoint=None):
 
 
 def markdown(result):
-    from .common import markdown_table
+    from .common import describe_environment, markdown_table
+    env = result.get('environment')
+    head = (f'Counted with torch\'s FlopCounterMode (2 FLOPs per '
+            'multiply-add; elementwise work not counted), one image, random '
+            'weights' + (f'; {describe_environment(env)}' if env else '') +
+            '.\n\n')
     table = []
     methods = result['methods']
     for name in result['models']:
@@ -175,6 +180,6 @@ def markdown(result):
                       f'{ev["flops"] / 1e9:.0f}' if ev else '-'] +
                      [f'{syn[m]["flops"] / 1e9:.0f}' if m in syn else '-'
                       for m in methods])
-    return markdown_table(
+    return head + markdown_table(
         ['model', 'size', 'eval forward GFLOP'] +
         [f'{METHODS[m]} iteration GFLOP' for m in methods], table)

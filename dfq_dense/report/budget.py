@@ -35,6 +35,9 @@ import os.path as osp
 from .tables import ROOT as REPO
 from .tables import markdown_table
 
+#: The synthesis of each method fragment (V2's is PSAQ-ViT's, for its
+#: start images).
+SYNTH_NAMES = {'psaq_vit_v2': 'PSAQ-ViT V2 (start images)'}
 #: The synthesis iterations of the benchmark, by its method keys.
 METHODS = {
     'psaq_vit': 'PSAQ-ViT',
@@ -67,18 +70,38 @@ def load_results(folder, name):
     return data['sections'][name] if 'sections' in data else data
 
 
+def _counts(synth_cfg):
+    """(images, batch, iterations per image) of a synthesizer config, with
+    the defaults of the class it builds (e.g. PSAQ-ViT's two rounds)."""
+    from .. import registry
+    synth = registry.build(registry.MODELS, dict(synth_cfg, progress=False))
+    iters = int(getattr(synth, 'iterations', 0) or 0) * \
+        int(getattr(synth, 'synth_rounds', 1) or 1)
+    return int(synth.num_images), int(synth.batch_size), iters
+
+
 def schedule(config):
     """The run's stages as counts, from the config: synthesis images,
-    batch and iterations per image, calibration and evaluation images."""
+    batch and iterations per image (of the synthesizer the config builds,
+    its defaults included), PSAQ-ViT V2's sample steps (rounds x sample
+    iterations x images per round), calibration and evaluation images."""
     from ..engine.runner import load_config, task_of
     cfg = load_config(osp.join(REPO, config))
     s = cfg.dfq.synthesizer
     task = task_of(cfg)
-    iters = int(s.get('iterations', 0)) * int(s.get('synth_rounds', 1))
-    return dict(method=s['type'], num_images=int(s['num_images']),
-                batch_size=int(s['batch_size']), iterations=iters,
-                calib_images=int(s['num_images']), task=task,
-                eval_images=EVAL_IMAGES[task])
+    images, batch, iters = _counts(s)
+    if s['type'] == 'RealImages':
+        iters = 0  # read from files
+    adapter = cfg.dfq.get('adapter') or {}
+    sample_iters = 0
+    if adapter.get('type') == 'PSAQViTV2Rounds':
+        per_round = adapter.get('images_per_round') or images
+        sample_iters = int(adapter.get('rounds', 4)) * \
+            int(adapter.get('sample_iters', 50)) * int(per_round)
+    return dict(method=s['type'], num_images=images, batch_size=batch,
+                iterations=iters, adapter=adapter.get('type'),
+                sample_step_iterations=sample_iters, calib_images=images,
+                task=task, eval_images=EVAL_IMAGES[task])
 
 
 def _method_key(synth_type):
@@ -100,6 +123,14 @@ def estimate_run(flops, model, sched, tflops=TFLOPS):
         f_syn = next(r['flops'] for r in flops['rows']
                      if r['model'] == model and r['kind'] == 'synthesis'
                      and r['method'] == method)
+    # PSAQ-ViT V2's sample steps (image-iterations); every rank runs the
+    # adapter, so they do not split.  Its student steps are not counted.
+    f_sample = 0
+    if sched.get('sample_step_iterations'):
+        f_sample = next(r['flops'] for r in flops['rows']
+                        if r['model'] == model and r['kind'] == 'synthesis'
+                        and r['method'] == 'psaq_vit_v2')
+    adapt = f_sample * sched.get('sample_step_iterations', 0) / rate
     batches = math.ceil(sched['num_images'] / sched['batch_size'])
     gpus = {}
     for g in GPUS:
@@ -107,8 +138,9 @@ def estimate_run(flops, model, sched, tflops=TFLOPS):
             math.ceil(batches / g) / rate
         cal = f_eval * math.ceil(sched['calib_images'] / g) / rate
         ev = f_eval * math.ceil(sched['eval_images'] / g) / rate
-        gpus[str(g)] = dict(synthesis_s=syn, calibration_s=cal,
-                            evaluation_s=ev, total_s=syn + cal + ev)
+        gpus[str(g)] = dict(synthesis_s=syn, adaptation_s=adapt,
+                            calibration_s=cal, evaluation_s=ev,
+                            total_s=syn + adapt + cal + ev)
     return dict(eval_gflop=f_eval / 1e9, synthesis_iteration_gflop=f_syn /
                 1e9, gpus=gpus)
 
@@ -144,7 +176,8 @@ def compose(flops, synthesis=None, fit=None, tflops=TFLOPS, schedules=None):
 
 def method_rows(flops, model='mask_rcnn_swin_s', tflops=TFLOPS):
     """Synthesis alone of each method on one model with the schedule of
-    its fragment (``configs/_base_/methods/``), one GPU and eight."""
+    its fragment (``configs/_base_/methods/``; the synthesizer's defaults
+    included), one GPU and eight."""
     from mmengine.config import Config
     rate = tflops * 1e12
     out = []
@@ -152,7 +185,7 @@ def method_rows(flops, model='mask_rcnn_swin_s', tflops=TFLOPS):
         frag = Config.fromfile(osp.join(
             REPO, 'configs', '_base_', 'methods',
             f'{method}.py')).to_dict()['dfq_synthesizer']
-        iters = int(frag['iterations']) * int(frag.get('synth_rounds', 1))
+        images, batch, iters = _counts(frag)
         # V2's synthesis is PSAQ-ViT's (its sample step is its adapter's)
         key = 'psaq_vit' if method == 'psaq_vit_v2' else method
         f = next((r['flops'] for r in flops['rows']
@@ -160,13 +193,12 @@ def method_rows(flops, model='mask_rcnn_swin_s', tflops=TFLOPS):
                   r['method'] == key), None)
         if f is None:
             continue
-        batches = math.ceil(frag['num_images'] / frag['batch_size'])
+        batches = math.ceil(images / batch)
         out.append(dict(
-            method=method, images=frag['num_images'],
-            batch_size=frag['batch_size'], iterations=iters,
-            iteration_gflop=f / 1e9,
-            seconds={str(g): f * iters * frag['batch_size'] *
-                     math.ceil(batches / g) / rate for g in GPUS}))
+            method=method, images=images, batch_size=batch,
+            iterations=iters, iteration_gflop=f / 1e9,
+            seconds={str(g): f * iters * batch * math.ceil(batches / g) /
+                     rate for g in GPUS}))
     return out
 
 
@@ -187,7 +219,9 @@ def budget(folder, tflops=TFLOPS):
 def _t(seconds):
     if seconds >= 3600:
         return f'{seconds / 3600:.1f} h'
-    return f'{seconds / 60:.0f} min'
+    if seconds >= 60:
+        return f'{seconds / 60:.0f} min'
+    return f'{seconds:.0f} s'
 
 
 def _gb(nbytes):
@@ -221,7 +255,8 @@ def markdown(result):
         lines.append(markdown_table(
             ['method', 'images x iterations', 'iteration GFLOP / image',
              '1 GPU', '8 GPUs'],
-            [[METHODS[m['method']], f'{m["images"]} x {m["iterations"]}',
+            [[SYNTH_NAMES.get(m['method'], METHODS[m['method']]),
+              f'{m["images"]} x {m["iterations"]}',
               f'{m["iteration_gflop"]:.0f}', _t(m['seconds']['1']),
               _t(m['seconds']['8'])] for m in result['methods']]))
     return '\n'.join(lines)
