@@ -151,3 +151,25 @@ def test_duplicate_ids_and_bad_files(tmp_path, entries):
     plain.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(PublishedRegistryError, match='"entries"'):
         load_published(str(plain))
+
+
+def test_psaq_vit_imagenet_rows(entries):
+    """PSAQ-ViT (V1) ImageNet rows: the Results table of the official
+    README (github.com/zkkli/PSAQ-ViT), transcribed here as
+    model: (FP, W4/A8, W8/A8)."""
+    readme = {'DeiT-T': (72.21, 65.57, 71.56), 'DeiT-S': (79.85, 73.23, 76.92),
+              'DeiT-B': (81.85, 77.05, 79.10), 'Swin-T': (81.35, 71.79, 75.35),
+              'Swin-S': (83.20, 75.14, 76.64)}
+    rows = find_entries(entries, method='PSAQ-ViT', task='classification')
+    assert len(rows) == 10
+    for row in rows:
+        fp, w4a8, w8a8 = readme[row['backbone']]
+        want = dict(W4A8=w4a8, W8A8=w8a8)[row['bits']]
+        assert row['metrics'] == dict(top1=want), row['id']
+        assert row['fp_reference'] == dict(top1=fp), row['id']
+        assert row['calibration'] == dict(data='data-free', images=32,
+                                          split=None)
+        src = 'official-deit-cls' if row['backbone'].startswith('DeiT') \
+            else 'official-swin-cls'
+        assert row['checkpoint']['source'] == src
+        assert 'Not verified here' in row['note']

@@ -141,11 +141,24 @@ def run_dfq(config, checkpoint=None, work_dir=None, cfg_options=None,
         checkpoint = None
     else:
         checkpoint = resolve_checkpoint(checkpoint or cfg.get('load_from'))
-    images = None
+    images = image_size = None
     if dfq.load_images:
         # A folder of an earlier run means its synthetic_images.pth.
-        path, images = resolve_load_images(dfq.load_images)
+        path, images, saved = resolve_load_images(dfq.load_images,
+                                                  with_saved=True)
         dfq.load_images = cfg.dfq.load_images = path
+        # Images of another task: the same backbone family, resized to
+        # this run's synthesis size (engine/image_reuse.py).
+        from .image_reuse import (ImageReuseError, check_image_source,
+                                  image_provenance)
+        try:
+            origin = check_image_source(saved, path, image_provenance(cfg))
+        except ImageReuseError as err:
+            raise DFQInputError(str(err)) from None
+        del saved
+        if origin['cross_task']:
+            from .model_checks import synthesizer_cfg
+            image_size = synthesizer_cfg(cfg, dfq)['img_size']
     if dfq.load_quantized:
         try:
             read_quant_params(dfq.load_quantized)
@@ -154,7 +167,8 @@ def run_dfq(config, checkpoint=None, work_dir=None, cfg_options=None,
             raise DFQInputError(f'--load-quantized: {err}') from None
     # Builds the model once: the data source against the model, the image
     # size against the backbone, the checkpoint strictly against the model.
-    weights = check_model_inputs(cfg, dfq, checkpoint, images=images)
+    weights = check_model_inputs(cfg, dfq, checkpoint, images=images,
+                                 image_size=image_size)
     del images
     if task == 'cls':
         # the file found (a cached one) is the one the Runner's build loads
@@ -220,7 +234,8 @@ def run_dfq(config, checkpoint=None, work_dir=None, cfg_options=None,
         world_size=get_world_size(),
         threads=torch.get_num_threads(),
         versions=versions())
-    for key in ('images_from', 'quant_params', 'quant_params_from',
+    for key in ('images_from', 'images_source', 'quant_params',
+                'quant_params_from',
                 'reparameterized', 'synthesis_key', 'resumed_batches',
                 'adaptation'):
         if key in report:

@@ -38,9 +38,12 @@ from ..quant.io import (QuantParamsError, load_quant_params,
 from ..quant.observers import calibration_step
 from ..quant.spec import SETTING_KEYS
 from ..registry import ADAPTERS, LOOPS, MODELS, build
-from ..synth.base import SynthesisError, load_images, save_images
+from ..synth.base import (SynthesisError, get_mean_std, load_images,
+                          save_images)
 from ..utils.fileio import torch_save_atomic
 from .dfq_config import DFQConfigError, parse_dfq_config, plain
+from .image_reuse import (ImageReuseError, image_provenance,
+                          prepare_loaded_images)
 
 SYNTH_DIR = 'synthetic'
 BATCH_DIR = 'batches'
@@ -357,7 +360,8 @@ class DFQTestLoop(TestLoop):
                                          'adapted'),
                                 meta=dict(synthesizer=self.report[
                                     'synthesizer'], adapted=True,
-                                    run_id=self.run_id))
+                                    run_id=self.run_id,
+                                    **image_provenance(self.runner.cfg)))
             self.report['output_change'] = self._check_effect(model, images)
             if get_rank() == 0:
                 path = osp.join(self.runner.work_dir, QUANT_PARAMS)
@@ -502,7 +506,23 @@ class DFQTestLoop(TestLoop):
         source = self.dfq.load_images
         if source:
             saved = load_images(source)
-            images = saved['images']
+            # Images of another task (same backbone family) are resized to
+            # this run's synthesis size (engine/image_reuse.py); another
+            # family or a file that is no synthetic-images file: one line.
+            mean, std = get_mean_std(model)
+            try:
+                images, origin = prepare_loaded_images(
+                    saved, source, image_provenance(self.runner.cfg),
+                    synth_cfg['img_size'], mean, std)
+            except ImageReuseError as err:
+                raise DFQConfigError(str(err)) from None
+            self.report['images_source'] = origin
+            if origin['cross_task']:
+                print_log(f'DFQ: images of a {origin["task"]} run '
+                          f'({origin["model"]}, {origin["size"][0]}x'
+                          f'{origin["size"][1]}) resized to '
+                          f'{origin["resized_to"][0]}x'
+                          f'{origin["resized_to"][1]}', logger='current')
             made_by = saved['meta'].get('synthesizer', synth_cfg)
             if self.adapter is not None:
                 # The method still adapts: report it, with its start images.
@@ -555,7 +575,8 @@ class DFQTestLoop(TestLoop):
         rank, world = get_rank(), get_world_size()
         mean, std = model.data_preprocessor.mean, model.data_preprocessor.std
         meta = dict(synthesizer=plain(self.synth_cfg), key=key,
-                    run_id=self.run_id)
+                    run_id=self.run_id,
+                    **image_provenance(self.runner.cfg))
 
         final = osp.join(out_dir, 'synthetic_images.pth')
         done = None

@@ -184,7 +184,7 @@ def synthesizer_cfg(cfg, dfq):
     return synth
 
 
-def check_model_inputs(cfg, dfq, checkpoint, images=None):
+def check_model_inputs(cfg, dfq, checkpoint, images=None, image_size=None):
     """Build the model once and run the checks of the module docstring.
 
     Args:
@@ -197,6 +197,9 @@ def check_model_inputs(cfg, dfq, checkpoint, images=None):
         (None for other models and for random weights).
         images: the ``dfq.load_images`` tensor, if any (its size is
             checked instead of the synthesizer's ``img_size``).
+        image_size: the size the loaded images are resized to (images of
+            another task, see :mod:`~dfq_dense.engine.image_reuse`),
+            checked instead of theirs.
     """
     from ..registry import MODELS, build
     from ..utils.checkpoint import load_checkpoint_strict
@@ -224,6 +227,8 @@ def check_model_inputs(cfg, dfq, checkpoint, images=None):
                     f'dfq.adapter {dfq.adapter["type"]}: {err}') from None
         size = tuple(images.shape[-2:]) if images is not None else \
             synth['img_size']
+        if image_size is not None:
+            size = image_size
         try:
             check_image_size(model, size)
         except ValueError as err:

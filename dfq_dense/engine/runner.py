@@ -424,7 +424,7 @@ def check_work_dir(path):
 SYNTH_FILE = 'synthetic_images.pth'
 
 
-def resolve_load_images(path):
+def resolve_load_images(path, with_saved=False):
     """The ``synthetic_images.pth`` that ``dfq.load_images=PATH`` means.
 
     PATH may be the file, the ``synthetic/`` folder of an earlier run or
@@ -432,7 +432,8 @@ def resolve_load_images(path):
     finite ``images`` tensor ``(N, 3, H, W)``, N >= 1).
 
     Returns:
-        ``(file, images)``.
+        ``(file, images)``; with ``with_saved``, ``(file, images, saved)``
+        (``saved``: the whole dict the file holds).
     """
     import torch
 
@@ -477,7 +478,7 @@ def resolve_load_images(path):
     if not isinstance(saved.get('meta', {}), dict):
         raise DFQInputError(
             f'dfq.load_images: {path} has a malformed "meta" entry')
-    return path, images
+    return (path, images, saved) if with_saved else (path, images)
 
 
 def build_test_runner(cfg, checkpoint=None, work_dir=None, launcher='none'):

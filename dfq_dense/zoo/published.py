@@ -17,7 +17,8 @@ Entry fields (all required unless said)::
     schedule      e.g. '3x', '1x', '160k', 'ImageNet-1k 300 epochs'
     dataset       e.g. 'COCO val2017', 'ADE20K val', 'ImageNet-1k val'
     checkpoint    {source: official-swin-det | official-swin-seg |
-                   official-swin-cls | mmdet-zoo | mmseg-zoo,
+                   official-swin-cls | official-deit-cls | mmdet-zoo |
+                   mmseg-zoo,
                    file: '<name>.pth', url: optional string}
     bits          'FP' or 'W<w>A<a>'
     calibration   {data: real | data-free | none, images: int or null,
@@ -38,8 +39,11 @@ REGISTRY = osp.join(osp.dirname(osp.dirname(osp.dirname(
 TASK_METRICS = dict(instance_segmentation=('box_ap', 'mask_ap'),
                     semantic_segmentation=('miou', ),
                     classification=('top1', ))
+# official-swin-cls / official-deit-cls: the release files of the Swin and
+# DeiT authors, the weights timm's pretrained_cfg of the model points at.
 CHECKPOINT_SOURCES = ('official-swin-det', 'official-swin-seg',
-                      'official-swin-cls', 'mmdet-zoo', 'mmseg-zoo')
+                      'official-swin-cls', 'official-deit-cls', 'mmdet-zoo',
+                      'mmseg-zoo')
 CALIBRATION_DATA = ('real', 'data-free', 'none')
 REQUIRED = ('id', 'method', 'venue', 'task', 'model', 'backbone', 'schedule',
             'dataset', 'checkpoint', 'bits', 'calibration', 'metrics',
