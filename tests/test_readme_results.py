@@ -50,11 +50,14 @@ def test_demo_leaderboard_matches_the_committed_cells():
     assert collected['cells'], 'no committed matrix cells'
     board = leaderboard.build(collected, load_published())
     assert _block('demo-leaderboard') == leaderboard.compact_markdown(board)
-    grid = matrix.load_grid(osp.join(REPO, 'configs', 'matrix', 'demo.py'))
-    hashes = {c['hash'] for c in matrix.expand(grid)}
+    hashes = set()
+    for name in ('demo.py', 'demo_sweep.py'):
+        grid = matrix.load_grid(osp.join(REPO, 'configs', 'matrix', name))
+        hashes |= {c['hash'] for c in matrix.expand(grid)}
+    # the demo grid and its calibration-size sweep, every cell committed
+    assert {item['cell']['hash'] for item in collected['cells']} == hashes
     for item in collected['cells']:
-        # every committed cell is a cell of the demo grid, with what makes
-        # it reproducible
+        # with what makes it reproducible
         assert item['cell']['hash'] in hashes
         res = item['results']
         assert len(res['checkpoint']['sha256']) == 64
@@ -89,3 +92,65 @@ def test_mimiq_rerun_table_matches_the_two_cells():
         after = json.load(f)
     assert _block('mimiq-rerun') == cell_comparison_markdown(
         before, after, ('autograd form (matrix)', 'written-out gradient'))
+
+
+def test_demo_leaderboard_statements_hold():
+    """The README's statements under the demo leaderboard, against the
+    committed cells (3 seeds; "beyond" = the mean difference exceeds the
+    larger std, "within" = it does not)."""
+    from dfq_dense.report import leaderboard, matrix
+    from dfq_dense.zoo.published import load_published
+    board = leaderboard.build(matrix.load_exported(
+        osp.join(REPO, 'results', 'demo', 'matrix')), load_published())
+
+    def cells(label, key):
+        m = next(m for m in board['models'] if label in m['label'])
+        out = {}
+        for sec in m['bits']:
+            for r in sec['rows']:
+                assert r['n_seeds'] == 3, (sec['bits'], r['method'])
+                s = r['metrics'][key]
+                out[(sec['bits'], r['method'], r['num_images'])] = (
+                    s['mean'], s['std'])
+        return out
+
+    def beyond(a, b):  # a above b by more than the larger std
+        return a[0] - b[0] > max(a[1], b[1])
+
+    def within(a, b):
+        return abs(a[0] - b[0]) <= max(a[1], b[1])
+
+    det = cells('mask_rcnn', 'coco/bbox_mAP')
+    seg = cells('upernet', 'mIoU')
+    free = ['psaq', 'psaq_v2', 'mimiq', 'spdfq']
+    bits = ['W8A8', 'W6A6', 'W4A8', 'W4A4']
+    # Mask R-CNN
+    for b in bits:
+        for m in free:
+            assert beyond(det[(b, m, 8)], det[(b, 'noise', 8)]), (b, m)
+            gap = det[(b, m, 8)][0] - det[(b, 'noise', 8)][0]
+            assert 0.65 <= gap <= 1.85, (b, m, gap)  # +0.7 to +1.8
+    for b in ('W8A8', 'W6A6', 'W4A4'):
+        assert within(det[(b, 'psaq_v2', 8)], det[(b, 'psaq', 8)]), b
+    assert beyond(det[('W4A8', 'psaq', 8)], det[('W4A8', 'psaq_v2', 8)])
+    assert beyond(det[('W6A6', 'real', 8)], det[('W6A6', 'psaq', 8)])
+    assert within(det[('W8A8', 'real', 8)], det[('W8A8', 'psaq', 8)])
+    for b in ('W4A8', 'W4A4'):
+        assert beyond(det[(b, 'psaq', 8)], det[(b, 'real', 8)]), b
+    # UperNet
+    for m in free:
+        assert beyond(seg[('W4A4', 'noise', 8)], seg[('W4A4', m, 8)]), m
+    for m in ('psaq', 'psaq_v2', 'spdfq'):
+        assert beyond(seg[('W4A8', 'noise', 8)], seg[('W4A8', m, 8)]), m
+    assert within(seg[('W4A8', 'mimiq', 8)], seg[('W4A8', 'noise', 8)])
+    for b in ('W8A8', 'W6A6'):
+        for m in ('mimiq', 'spdfq'):
+            assert beyond(seg[(b, m, 8)], seg[(b, 'noise', 8)]), (b, m)
+        for m in ('psaq', 'psaq_v2'):
+            assert beyond(seg[(b, 'noise', 8)], seg[(b, m, 8)]), (b, m)
+    # calibration size, PSAQ-ViT W4A4
+    assert beyond(det[('W4A4', 'psaq', 2)], det[('W4A4', 'psaq', 8)])
+    for n in (1, 4):
+        assert within(det[('W4A4', 'psaq', n)], det[('W4A4', 'psaq', 8)])
+    for n in (2, 8):
+        assert beyond(seg[('W4A4', 'psaq', 1)], seg[('W4A4', 'psaq', n)])
