@@ -28,6 +28,7 @@ def _json(name):
     ('bench-pse', 'pse', 'pse.json'),
     ('bench-synthesis', 'synthesis', 'synthesis.json'),
     ('bench-flops', 'flops', 'flops.json'),
+    ('bench-fit', 'fit', 'fit.json'),
 ])
 def test_readme_benchmark_tables_match_their_json(block, section, name):
     """``tools/benchmark.py <section>`` renders the committed JSON into the
@@ -92,3 +93,11 @@ def test_readme_v2_sample_step_figures_match_the_committed_run():
     assert f'sample step {quoted}, student step back to ' + ' and '.join(
         f"{r['disc_end']:.3f}" for r in rounds) in text
     assert all(r['disc_after'] > r['disc_before'] for r in rounds)
+
+
+def test_readme_budget_is_composed_from_the_committed_results():
+    """The run budget (tools/benchmark.py budget) of the committed
+    benchmark files, at the default assumed throughput."""
+    from dfq_dense.report import budget
+    folder = osp.join(REPO, 'results', 'benchmarks')
+    assert _block('bench-budget') == budget.markdown(budget.budget(folder))
