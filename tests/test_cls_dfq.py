@@ -13,9 +13,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-timm = pytest.importorskip('timm')
+import timm  # noqa: E402  (a runtime dependency: no skip)
 
 from dfq_dense.quant import (QuantTimmAttention,  # noqa: E402
                              QuantTimmWindowAttention, enable_calibration,

@@ -20,7 +20,7 @@ from dfq_dense.cls import (ImageFolderError, ImageNetAccuracy,
 from dfq_dense.cls.timm_utils import cached_weights
 from dfq_dense.utils.checkpoint import CheckpointMismatchError
 
-timm = pytest.importorskip('timm')
+import timm  # noqa: E402  (a runtime dependency: no skip)
 
 SWIN = 'swin_tiny_patch4_window7_224'
 SWIN_URL = ('https://github.com/SwinTransformer/storage/releases/download/'

@@ -165,7 +165,7 @@ def run(args, device, checkpoint=None):
 def markdown(result):
     from .common import describe_environment, markdown_table
     env = result.get('environment')
-    head = (f'Counted with torch\'s FlopCounterMode (2 FLOPs per '
+    head = ('Counted with torch\'s FlopCounterMode (2 FLOPs per '
             'multiply-add; elementwise work not counted), one image, random '
             'weights' + (f'; {describe_environment(env)}' if env else '') +
             '.\n\n')

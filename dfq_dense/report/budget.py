@@ -12,8 +12,8 @@ GPU times are **estimates**: no GPU has been measured.  Each stage's FLOPs
 (``flops`` section: matmuls and convolutions; the elementwise work of the
 priors' losses and of fake quantization is not counted) divided by an
 assumed sustained throughput (``--tflops``, default :data:`TFLOPS`).  On
-the CPU those uncounted parts are at most 10% of a synthesis iteration
-(``synthesis``) and 6-13% of an evaluation forward (``fakequant``), so
+the CPU those uncounted parts are up to 12% of a synthesis iteration
+(``synthesis``: MimiQ's inter-head similarity) and 6-13% of an evaluation forward (``fakequant``), so
 the estimates are low by at least that.  Eight GPUs split the synthesis
 batches (batch ``b`` on rank ``b % 8``), the calibration images and the
 evaluation images (mmengine's distributed sampler) across ranks; a
