@@ -332,6 +332,24 @@ class QuantMatMul(nn.Module):
         return self.quantizer_a(a) @ self.quantizer_b(b)
 
 
+def attention_matmuls(owner, a_bits, matmul1, matmul2, softmax_quant):
+    """``owner.matmul1`` (``q k^T``) and ``owner.matmul2`` (``attn @ v``)
+    of a quantized attention: ``a_bits`` unless ``matmul1`` / ``matmul2``
+    say otherwise; ``softmax_quant`` None leaves the post-softmax
+    attention FP, else it is quantized by a
+    :class:`~dfq_dense.quant.softmax_quant.SoftmaxQuantizer`."""
+    owner.matmul1 = QuantMatMul(**dict(dict(bits=a_bits), **(matmul1 or {})))
+    owner.matmul2 = QuantMatMul(**dict(dict(bits=a_bits), **(matmul2 or {})))
+    if softmax_quant is None:
+        owner.matmul2.quantizer_a = nn.Identity()
+    else:
+        from .softmax_quant import SoftmaxQuantizer
+        sq = dict(softmax_quant)
+        sq.pop('type', None)
+        sq.setdefault('bits', a_bits)
+        owner.matmul2.quantizer_a = SoftmaxQuantizer(**sq)
+
+
 @MODELS.register_module()
 class QuantWindowMSA(nn.Module):
     """Quantized replacement of Swin's ``WindowMSA`` (mmdet's and mmseg's).
@@ -380,20 +398,9 @@ class QuantWindowMSA(nn.Module):
         self.proj = module.proj
         self.proj_drop = module.proj_drop
         self.softmax = module.softmax
-        self.matmul1 = QuantMatMul(**dict(dict(bits=a_bits),
-                                          **(matmul1 or {})))
-        self.matmul2 = QuantMatMul(**dict(dict(bits=a_bits),
-                                          **(matmul2 or {})))
+        attention_matmuls(self, a_bits, matmul1, matmul2, softmax_quant)
         # Set by the LayerNorm reparameterisation (see reparam.py).
         self.register_buffer('pad_value', None)
-        if softmax_quant is None:
-            self.matmul2.quantizer_a = nn.Identity()
-        else:
-            from .softmax_quant import SoftmaxQuantizer
-            sq = dict(softmax_quant)
-            sq.pop('type', None)
-            sq.setdefault('bits', a_bits)
-            self.matmul2.quantizer_a = SoftmaxQuantizer(**sq)
 
     def init_weights(self):
         trunc_normal_(self.relative_position_bias_table, std=0.02)

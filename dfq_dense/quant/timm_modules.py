@@ -28,25 +28,10 @@ import torch
 import torch.nn as nn
 
 from ..registry import MODELS
-from .modules import QuantMatMul
+from .modules import attention_matmuls
 
 __all__ = ['QuantTimmWindowAttention', 'QuantTimmAttention',
            'timm_attention_wrappers']
-
-
-def _attention_matmuls(owner, a_bits, matmul1, matmul2, softmax_quant):
-    """``owner.matmul1`` / ``owner.matmul2`` as for ``QuantWindowMSA``:
-    ``softmax_quant`` None leaves the post-softmax attention FP."""
-    owner.matmul1 = QuantMatMul(**dict(dict(bits=a_bits), **(matmul1 or {})))
-    owner.matmul2 = QuantMatMul(**dict(dict(bits=a_bits), **(matmul2 or {})))
-    if softmax_quant is None:
-        owner.matmul2.quantizer_a = nn.Identity()
-    else:
-        from .softmax_quant import SoftmaxQuantizer
-        sq = dict(softmax_quant)
-        sq.pop('type', None)
-        sq.setdefault('bits', a_bits)
-        owner.matmul2.quantizer_a = SoftmaxQuantizer(**sq)
 
 
 @MODELS.register_module()
@@ -82,7 +67,7 @@ class QuantTimmWindowAttention(nn.Module):
         self.proj = module.proj
         self.proj_drop = module.proj_drop
         self.softmax = module.softmax
-        _attention_matmuls(self, a_bits, matmul1, matmul2, softmax_quant)
+        attention_matmuls(self, a_bits, matmul1, matmul2, softmax_quant)
         # Set by the LayerNorm reparameterisation (see reparam.py): timm's
         # block pads the norm1 output with zero tokens as mmdet's does.
         self.register_buffer('pad_value', None)
@@ -158,7 +143,7 @@ class QuantTimmAttention(nn.Module):
         self.proj = module.proj
         self.proj_drop = module.proj_drop
         self.softmax = nn.Softmax(dim=-1)
-        _attention_matmuls(self, a_bits, matmul1, matmul2, softmax_quant)
+        attention_matmuls(self, a_bits, matmul1, matmul2, softmax_quant)
 
     def forward(self, x, attn_mask=None, is_causal=False):
         from timm.layers.attention import resolve_self_attn_mask
