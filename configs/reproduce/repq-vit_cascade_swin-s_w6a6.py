@@ -12,15 +12,9 @@
 _base_ = [
     '../_base_/models/cascade_mask_rcnn_swin_s_fpn_3x.py',
     '../_base_/dfq_runtime.py',
-    '../_base_/methods/real_images.py',  # data source
+    '../_base_/methods/real_images_repq.py',  # data source
     '../_base_/quantizers/repq.py',  # quantizer setting
     '../_base_/bits/w6a6.py',  # bits
 ]
-# RepQ-ViT calibrates on one real image: the first image of the unshuffled
-# COCO val2017 test loader (zkkli/RepQ-ViT detection/tools/test.py).  Here:
-# one val2017 image picked by the seed (RealImages lists the folder sorted
-# and draws with the seed), so the image may differ from theirs.
-dfq_synthesizer = dict(num_images=1, batch_size=1,
-                       data_root='data/coco/val2017/')
 official_checkpoint = 'https://github.com/SwinTransformer/storage/releases/download/v1.0.2/cascade_mask_rcnn_swin_small_patch4_window7.pth'  # noqa
 load_from = None
