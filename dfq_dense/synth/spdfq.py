@@ -1,11 +1,14 @@
-"""SPDFQ (later renamed SARDFQ) image synthesis at the backbone level of Swin.
+"""SPDFQ (later renamed SARDFQ) image synthesis at the backbone level of Swin
+(and of timm's DeiT on the classification track).
 
 SPDFQ optimises the synthetic pixels with three terms:
 
 * **Attention Priors Alignment (APA)**: every attention head of the deeper
   half of the blocks is asked to follow a random Gaussian-mixture "structure"
   prior (:func:`gaussian_mixture_prior`,
-  :func:`attention_prior_alignment_loss`);
+  :func:`attention_prior_alignment_loss`): on DeiT the CLS token's
+  attention to the patch grid (the paper's form), on Swin, which has no CLS
+  token, the window attention averaged over its queries;
   the post-softmax attention is recorded by :class:`AttnProbRecorder`.
 * **Multi-Semantic Reinforcement (MSR)**: a few non-overlapping regions of
   every image are cropped, resized to the input size (the paper's form;
@@ -30,7 +33,7 @@ from .feature_targets import (LABEL_HEADS, ClassifierLogits,
                               RandomProjectionHead, classifier_num_classes,
                               random_hard_targets,
                               random_soft_targets, soft_cross_entropy)
-from .hooks import SwinAttnRecorder
+from .hooks import SwinAttnRecorder, TimmAttentionSite
 from .loop import PixelSynthesizer, SynthPass
 from .losses import TAU_REF_PIXELS
 
@@ -45,7 +48,10 @@ __all__ = [
 # recorder of the post-softmax window attention
 # --------------------------------------------------------------------------
 class AttnProbRecorder(SwinAttnRecorder):
-    """Record the post-softmax window attention of every Swin block.
+    """Record the post-softmax window attention of every Swin block (or the
+    global attention of every timm ViT / DeiT block: one "window" of all
+    tokens, ``prefix_tokens`` (the CLS token first) in front of the patch
+    tokens, whose row 0 is the CLS token's attention that APA reads).
 
     :class:`~dfq_dense.synth.hooks.SwinAttnRecorder` recording ``'probs'``
     (the softmax output of ``w_msa``, ``(B_img, nW, heads, N, N)``, rows
@@ -54,10 +60,10 @@ class AttnProbRecorder(SwinAttnRecorder):
     mmdet's and mmseg's ``WindowMSA`` and with
     :class:`~dfq_dense.quant.modules.QuantWindowMSA`, provided the recorder
     is built after the replacement.  :meth:`block_specs` gives ``(num_heads,
-    window_size)`` per block.
+    window_size)`` per block (``window_size`` None for global attention).
 
     Raises:
-        ValueError: ``backbone`` has no ``ShiftWindowMSA``.
+        ValueError: ``backbone`` has no Swin / timm ViT attention.
     """
 
     def __init__(self, backbone: nn.Module):
@@ -74,7 +80,8 @@ def gaussian_mixture_prior(num_maps: int,
                            sigma_range: Tuple[float, float] = (0.1, 0.3),
                            weight_range: Tuple[float, float] = (0.1, 1.0)
                            ) -> torch.Tensor:
-    """Random Gaussian-mixture maps over a window grid, each summing to 1.
+    """Random Gaussian-mixture maps over a window grid (Swin) or the patch
+    grid (ViT / DeiT, e.g. 14x14), each summing to 1.
 
     Every map is ``sum_c w_c exp(-|p - mu_c|^2 / (2 sigma_c^2))`` evaluated
     at the cell centres ``p = (i, j)``, ``0 <= i < h``, ``0 <= j < w``, then
@@ -130,6 +137,58 @@ HEAD_REDUCTIONS = ('sum', 'mean')
 MSR_COUNTS = ('random', 'fixed')
 
 
+def _window_errors(rec: Dict, prior: torch.Tensor) -> torch.Tensor:
+    """Swin: per image, window and head, the squared error of the
+    attention averaged over the window's valid queries and the prior, both
+    restricted to the valid keys (see
+    :func:`attention_prior_alignment_loss`), ``(B, nW, H)``."""
+    probs = rec['probs']  # (B, nW, H, N, N)
+    B, nW, H, N, _ = probs.shape
+    l = int(rec['depth'])
+    prior = prior.to(probs).reshape(-1, N)
+    assert prior.shape[0] == H, (
+        f'block {l}: prior has {prior.shape[0]} maps for {H} heads')
+    valid = rec.get('valid')
+    if valid is None:
+        valid = torch.ones((B, nW, N), dtype=torch.bool, device=probs.device)
+    v = valid.to(probs)  # (B, nW, N)
+    # 1. average over the valid queries -> (B, nW, H, N)
+    nq = v.sum(-1).clamp_min(1)  # (B, nW)
+    a = (probs * v[:, :, None, :, None]).sum(3) / nq[:, :, None, None]
+    # 2. restrict to the valid keys and renormalise
+    vk = v[:, :, None, :]  # (B, nW, 1, N)
+    a = a * vk
+    a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+    p = prior[None, None] * vk  # (B, nW, H, N)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+    # 3. MSE over the valid keys in uniform-density units
+    nk = vk.sum(-1, keepdim=True).clamp_min(1)  # (B, nW, 1, 1)
+    return ((nk * (a - p))**2 * vk).sum(-1) / nk[..., 0]
+
+
+def _cls_row_errors(rec: Dict, prior: torch.Tensor) -> torch.Tensor:
+    """ViT / DeiT: per image and head, the squared error of the CLS token's
+    attention to the patch keys (renormalised over them) and the prior over
+    the patch grid (see :func:`attention_prior_alignment_loss`),
+    ``(B, 1, H)``."""
+    probs = rec['probs']  # (B, 1, H, T, T): prefix tokens first, CLS at 0
+    B, nW, H, T, _ = probs.shape
+    l, prefix = int(rec['depth']), int(rec['prefix_tokens'])
+    P = T - prefix
+    prior = prior.to(probs).reshape(H, -1) if prior.numel() == H * P else \
+        None
+    if prior is None:
+        raise ValueError(
+            f'block {l}: the prior has no map of {P} patches per head '
+            f'({H} heads, patch grid {tuple(rec["hw_shape"])})')
+    # 1. the CLS query's row to the patch keys (CLS, distillation and
+    #    other prefix keys dropped), renormalised to sum 1 over the patches
+    a = probs[:, :, :, 0, prefix:]  # (B, 1, H, P)
+    a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+    # 2. MSE over the patches in uniform-density units
+    return ((P * (a - prior[None, None]))**2).mean(-1)
+
+
 def attention_prior_alignment_loss(records: Sequence[Dict],
                                    priors: Union[Sequence, Dict],
                                    deeper_half: bool = True,
@@ -137,18 +196,21 @@ def attention_prior_alignment_loss(records: Sequence[Dict],
                                    return_per_block: bool = False,
                                    heads: str = 'sum',
                                    batch_total: Optional[int] = None):
-    """APA loss of SPDFQ for Swin window attention.
+    """APA loss of SPDFQ for Swin window attention and ViT / DeiT global
+    attention.
 
     For a block of depth ``l`` (``records[i]['depth']``, 1..L over all blocks
-    of all stages) and every image ``b``, window ``w`` and head ``h``:
+    of all stages) and every image ``b``, window ``w`` and head ``h``, with
+    ``p`` the head's prior map (``priors[l][h]``, flattened row-major):
+
+    *Swin* (records without prefix tokens):
 
     1. ``a[k] = mean_{valid queries q} probs[b, w, h, q, k]``: the attention
        averaged over the real (non-padding) query tokens, Swin's counterpart
-       of DeiT's CLS-to-patch row; a distribution over the ``N = ws * ws``
-       keys of the window (row-major window grid).
+       of DeiT's CLS-to-patch row (Swin has no CLS token); a distribution
+       over the ``N = ws * ws`` keys of the window (row-major window grid).
     2. Padding keys (Swin's zero padding, ``valid`` False) carry no image
-       content: both ``a`` and the head's prior map ``p`` (``priors[l]``
-       ``[h]``, flattened row-major) are restricted to the ``n_v`` valid
+       content: both ``a`` and ``p`` are restricted to the ``n_v`` valid
        keys of the window and renormalised to sum 1 there.  Windows without
        padding use them unchanged.
     3. ``mse = mean_{valid k} (n_v * (a[k] - p[k]))^2``: the squared error
@@ -156,10 +218,23 @@ def attention_prior_alignment_loss(records: Sequence[Dict],
        (i.e. plain MSE of the probabilities times ``n_v^2``), so the loss
        scale, and hence ``apa_weight``, does not depend on the window size.
 
+    *ViT / DeiT* (records with ``prefix_tokens`` ``T_p >= 1``, the CLS token
+    first, as timm orders them; one "window" of all tokens), the paper's
+    form (the CLS token's attention to the patches, the "CLS-to-patch
+    row"):
+
+    1. ``a[k] = probs[b, 0, h, 0, T_p + k]``, ``k`` over the ``P`` patch
+       tokens (row-major patch grid, e.g. 14x14 at 224x224 for /16
+       patches): the CLS query's attention row to the patch keys; the CLS
+       key itself (and a distillation token's) is dropped and the row
+       renormalised to sum 1 over the patches, so that it is a map over
+       the same grid as ``p``.
+    2. ``mse = mean_k (P * (a[k] - p[k]))^2``, the units of step 3 above.
+
     Head loss ``L_{l,h} = mean_{b, w} mse`` (images and windows weigh the
-    same).  Total, as the paper's APA loss (arXiv 2412.16553, Sec. "Attention
-    Priors Alignment": ``L_APA = sum_{l=S}^{L} sum_{h=1}^{H} (l / L)
-    L_{l,h}``)::
+    same; one window for ViT / DeiT).  Total, as the paper's APA loss
+    (arXiv 2412.16553, Sec. "Attention Priors Alignment": ``L_APA =
+    sum_{l=S}^{L} sum_{h=1}^{H} (l / L) L_{l,h}``)::
 
         L_APA = sum_{l > L/2} (l / L) * sum_h L_{l,h}
 
@@ -171,10 +246,11 @@ def attention_prior_alignment_loss(records: Sequence[Dict],
 
     Args:
         records: :class:`AttnProbRecorder` records (``probs``, ``valid``,
-            ``depth``, ``num_blocks``).
+            ``depth``, ``num_blocks``, ``prefix_tokens``).
         priors: ``priors[l - 1]`` (a sequence) or ``priors[l]`` (a dict) is
-            block ``l``'s ``(heads, ws, ws)`` (or ``(heads, N)``) maps; may
-            be None for blocks that are not used.
+            block ``l``'s ``(heads, ws, ws)`` (or ``(heads, N)``) maps, for
+            ViT / DeiT ``(heads, gh, gw)`` over the patch grid (or
+            ``(heads, P)``); may be None for blocks that are not used.
         return_per_block: also return ``{l: detached L_l}`` (the block's
             loss before the depth weight).
         heads: ``'sum'`` (paper) or ``'mean'`` over the heads of a block.
@@ -198,33 +274,16 @@ def attention_prior_alignment_loss(records: Sequence[Dict],
         l, L = int(rec['depth']), int(rec['num_blocks'])
         if deeper_half and not l > L / 2:
             continue
-        probs = rec['probs']  # (B, nW, H, N, N)
-        if probs.dtype not in (torch.float32, torch.float64):
-            probs = probs.float()
-        B, nW, H, N, _ = probs.shape
-        valid = rec.get('valid')
-        if valid is None:
-            valid = torch.ones((B, nW, N), dtype=torch.bool,
-                               device=probs.device)
-        v = valid.to(probs)  # (B, nW, N)
         prior = _prior_of(priors, l)
         if prior is None:
             raise ValueError(f'no prior for block {l}')
-        prior = prior.to(probs).reshape(-1, N)
-        assert prior.shape[0] == H, (
-            f'block {l}: prior has {prior.shape[0]} maps for {H} heads')
-        # 1. average over the valid queries -> (B, nW, H, N)
-        nq = v.sum(-1).clamp_min(1)  # (B, nW)
-        a = (probs * v[:, :, None, :, None]).sum(3) / nq[:, :, None, None]
-        # 2. restrict to the valid keys and renormalise
-        vk = v[:, :, None, :]  # (B, nW, 1, N)
-        a = a * vk
-        a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
-        p = prior[None, None] * vk  # (B, nW, H, N)
-        p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
-        # 3. MSE over the valid keys in uniform-density units
-        nk = vk.sum(-1, keepdim=True).clamp_min(1)  # (B, nW, 1, 1)
-        err = ((nk * (a - p))**2 * vk).sum(-1) / nk[..., 0]  # (B, nW, H)
+        if rec['probs'].dtype not in (torch.float32, torch.float64):
+            rec = dict(rec, probs=rec['probs'].float())
+        if int(rec.get('prefix_tokens', 0) or 0) > 0:
+            err = _cls_row_errors(rec, prior)  # (B, 1, H)
+        else:
+            err = _window_errors(rec, prior)  # (B, nW, H)
+        nW = err.shape[1]
         if batch_total is None:
             per_head = err.mean((0, 1))  # L_{l,h}, (H,)
         else:  # a micro-batch's share of the batch's mean
@@ -389,16 +448,17 @@ def msr_crops(x: torch.Tensor,
 # --------------------------------------------------------------------------
 @MODELS.register_module()
 class SPDFQ(PixelAdamMixin, PixelSynthesizer):
-    """SPDFQ / SARDFQ data-free synthesis for Swin backbones.
+    """SPDFQ / SARDFQ data-free synthesis for Swin backbones (mmdet / mmseg
+    and timm) and timm ViT / DeiT classifiers.
 
     Per batch of ``n`` images (everything random from the seeded generator,
     drawn in this order): ``x ~ N(0, 1)`` (normalised space, clamped to the
     valid range); one prior per (block, head)
     (:func:`gaussian_mixture_prior`, ``num_components`` Gaussians over the
-    block's window grid), kept for the whole batch; one target per image;
-    one target per image and MSR grid cell (kept for the batch, so a
-    region of an image keeps optimising towards the same target).  Adam on
-    the pixels; each iteration:
+    block's window grid, a DeiT's patch grid), kept for the whole batch;
+    one target per image; one target per image and MSR grid cell (kept for
+    the batch, so a region of an image keeps optimising towards the same
+    target).  Adam on the pixels; each iteration:
 
     1. ``x_aug`` = random roll (``jitter`` px) + horizontal flip of ``x`` (as
        :class:`~dfq_dense.synth.psaq.PSAQViT`); ``backbone(x_aug)`` under an
@@ -444,6 +504,14 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
 
     Choices the paper / reference leave open (documented here):
 
+    * DeiT attention target (the paper's "CLS-to-patch row"; arXiv
+      2412.16553, APA): the CLS query's attention row to the patch keys,
+      the CLS (and distillation) key dropped and the row renormalised over
+      the patches so that it is a map over the same grid as the prior
+      (whether the paper drops / renormalises is not stated in what could be
+      read here), MSE in uniform-density units as for Swin, priors over the
+      patch grid with the Swin priors' draws (centres uniform on the grid,
+      sigma a share of the grid side).
     * Swin attention target: the attention averaged over the valid query
       tokens of each window, restricted and renormalised to the valid keys;
       the prior is shared by all windows and images of a block / head and
@@ -469,7 +537,12 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
       image.  Crops of one size are forwarded together, crops of different
       sizes one size at a time (the 2x2 cut lines are jittered per image,
       so the sizes mostly differ).  ``crop_size=None`` keeps the paper's
-      resize to the input size, an int or ``(h, w)`` a fixed size.
+      resize to the input size, an int or ``(h, w)`` a fixed size.  A timm
+      classifier takes only its own input size: there
+      :meth:`check_model` refuses any other crop size (the fragment's
+      ``'native'`` included) in one line, before any work, instead of
+      timm's assertion in the first crop forward; the classification
+      configs set ``crop_size=None``.
     * MSR regions: the paper draws m in {1..4} non-overlapping patches but
       does not say where; here they are cells of a 2x2 grid with per-image
       jittered cut lines (redrawn every iteration), one target per image
@@ -618,21 +691,76 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
             self.head = ClassifierLogits(self.num_classes)
 
     def check_model(self, model):
-        """SPDFQ hooks Swin window attention: ValueError without it (its
-        priors are maps over square windows: a ViT / DeiT's global
-        attention is refused)."""
+        """SPDFQ hooks the attention of a Swin (window attention) or a timm
+        ViT / DeiT (global attention, APA on the CLS token's row): one-line
+        ValueError without it, for APA on non-square windows or on a ViT
+        without CLS token, and for MSR crops forwarded at a size a
+        fixed-size timm classifier refuses (``crop_size='native'``, the
+        dense method fragment's setting)."""
         super().check_model(model)
-        rec = AttnProbRecorder(get_backbone(model))
-        specs = rec.block_specs()
+        backbone = get_backbone(model)
+        rec = AttnProbRecorder(backbone)
+        sites = rec.sites
         rec.remove()
-        if self.components['apa'] and any(
-                not isinstance(ws, int) for _, ws in specs):
-            raise ValueError(
-                'SPDFQ\'s attention priors are Gaussian-mixture maps over '
-                'square Swin windows; this backbone has global (ViT / DeiT) '
-                'or non-square window attention (switch APA off with '
-                'components=dict(apa=False))')
-        self._use_classifier(get_backbone(model))
+        if self.components['apa']:
+            for site in sites:
+                if isinstance(site, TimmAttentionSite):
+                    if site.prefix_tokens < 1 or getattr(
+                            backbone, 'cls_token', None) is None or \
+                            site.grid is None:
+                        raise ValueError(
+                            'SPDFQ\'s attention priors on ViT / DeiT global '
+                            'attention align the CLS token\'s row to the '
+                            f'patch grid; this {type(backbone).__name__} has '
+                            'no CLS token or patch grid (switch APA off with '
+                            'components=dict(apa=False))')
+                elif not isinstance(site.window_size, int):
+                    raise ValueError(
+                        'SPDFQ\'s attention priors are Gaussian-mixture maps '
+                        'over square Swin windows; this backbone has '
+                        f'{site.window_size} windows (switch APA off with '
+                        'components=dict(apa=False))')
+        self._check_crop_size(backbone)
+        self._use_classifier(backbone)
+
+    def _check_crop_size(self, backbone):
+        """A timm classifier built for one input size (its patch embedding
+        checks it: ``strict_img_size``) refuses MSR crops of another size
+        in the middle of the first iteration; say so before any work."""
+        if not self.components['msr'] or self.label_weight == 0:
+            return
+        embed = getattr(backbone, 'patch_embed', None)
+        if not getattr(embed, 'strict_img_size', False):
+            return
+        size = tuple(int(v) for v in embed.img_size)
+        if self.crop_size is None or self.crop_size == size:
+            return
+        raise ValueError(
+            f'crop_size={self.crop_size!r} forwards the MSR crops at '
+            f'another size than the {size[0]}x{size[1]} inputs this timm '
+            f'{type(backbone).__name__} takes; use crop_size=None (each '
+            'crop resized to the input size, the paper\'s form)')
+
+    @staticmethod
+    def prior_grids(recorder, backbone, hw=None) -> List[Tuple[int, int]]:
+        """The grid of every attention's prior maps, forward order: the
+        ``(ws, ws)`` window of a Swin block, the patch grid (e.g. 14x14
+        for a /16 DeiT at 224x224) of a ViT / DeiT attention, that of
+        images of size ``hw`` for a timm model with ``dynamic_img_size``."""
+        grids = []
+        for site in recorder.sites:
+            if not isinstance(site, TimmAttentionSite):
+                grids.append((site.window_size, site.window_size))
+                continue
+            grid = site.grid
+            embed = getattr(backbone, 'patch_embed', None)
+            if hw is not None and getattr(backbone, 'dynamic_img_size',
+                                          False):
+                grid = embed.dynamic_feat_size(tuple(hw))
+            if grid is None:
+                raise ValueError(f'SPDFQ: {site.name} has no patch grid')
+            grids.append((int(grid[0]), int(grid[1])))
+        return grids
 
     # --------------------------------------------------------------- targets
     def _targets(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -675,11 +803,12 @@ class SPDFQ(PixelAdamMixin, PixelSynthesizer):
         rec = AttnProbRecorder(state.backbone)  # also checks the backbone
         if comps['apa']:
             state.recorder = rec
+            grids = self.prior_grids(rec, state.backbone, state.hw)
             state.priors = [
-                gaussian_mixture_prior(heads, (ws, ws), self.num_components,
+                gaussian_mixture_prior(heads, grid, self.num_components,
                                        gen, self.prior_sigma_range
                                        ).to(state.device)
-                for heads, ws in rec.block_specs()
+                for (heads, _), grid in zip(rec.block_specs(), grids)
             ]
         else:
             rec.remove()
