@@ -41,6 +41,44 @@ def test_each_published_dense_row_has_a_matching_config(entry):
     assert reproduce.MODELS[(entry['model'], entry['backbone'])]
 
 
+# timm model of each published classification backbone, and the official
+# PSAQ-ViT eval crop and synthesis lr of its family (zkkli/PSAQ-ViT
+# utils/data_utils.py and generate_data.py).
+TIMM = {'DeiT-T': 'deit_tiny_patch16_224', 'DeiT-S': 'deit_small_patch16_224',
+        'DeiT-B': 'deit_base_patch16_224',
+        'Swin-T': 'swin_tiny_patch4_window7_224',
+        'Swin-S': 'swin_small_patch4_window7_224'}
+PSAQ_EVAL = {'DeiT': (0.875, 0.20), 'Swin': (0.9, 0.25)}
+
+
+@pytest.mark.parametrize('entry', [e for e in QUANTIZED
+                                   if e['task'] == 'classification' and
+                                   e['method'] == 'PSAQ-ViT'],
+                         ids=lambda e: e['id'])
+def test_each_psaq_vit_imagenet_row_has_the_official_recipe(entry):
+    path = reproduce.config_of(entry)
+    assert path is not None, f'configs/reproduce/{entry["id"]}.py missing'
+    cfg = load_config(osp.join(REPO, path))
+    assert cfg.model.type == 'dfq_dense.TimmClassifier'
+    assert cfg.model.model_name.split('.')[0] == TIMM[entry['backbone']]
+    assert cfg.model.num_classes == 1000
+    # the file of the row, loaded as it is (timm converts the official keys)
+    assert cfg.official_checkpoint == entry['checkpoint']['url']
+    assert cfg.official_checkpoint.endswith(entry['checkpoint']['file'])
+    w, a = (int(v) for v in entry['bits'][1:].split('A'))
+    assert (cfg.dfq.quantizer.w_bits, cfg.dfq.quantizer.a_bits) == (w, a)
+    s = cfg.dfq.synthesizer
+    assert s.type == 'PSAQViT' and s.label_head == 'classifier'
+    # one batch of the row's 32 images, as the official --calib-batchsize
+    assert s.num_images == s.batch_size == entry['calibration']['images']
+    crop, lr = PSAQ_EVAL[entry['backbone'].split('-')[0]]
+    assert s.lr == lr
+    for dc in (cfg.model.data_config,
+               cfg.test_dataloader.dataset.data_config):
+        assert dc.crop_pct == crop and dc.interpolation == 'bicubic'
+    assert cfg.test_dataloader.dataset.model_name == cfg.model.model_name
+
+
 def test_readme_guide_matches_the_registry_and_the_flop_counts():
     with open(osp.join(REPO, 'README.md')) as f:
         text = f.read()
@@ -49,10 +87,11 @@ def test_readme_guide_matches_the_registry_and_the_flop_counts():
     block = text[start:text.index('\n<!-- reproduce-guide:end -->')]
     rows = reproduce.guide_rows()
     assert block == reproduce.markdown(rows)
-    # every row with a config has its estimate; only classification rows
-    # lack a config so far, and the table says so
+    # every dense row has its config and estimate; the classification rows
+    # have no FLOP count (no estimate), and the table says so
     for r in rows:
-        if r['config'] is not None:
-            assert r['estimate'] is not None, r['id']
+        if r['task'] == 'classification':
+            assert r['estimate'] is None, r['id']
         else:
-            assert r['task'] == 'classification', r['id']
+            assert r['config'] is not None, r['id']
+            assert r['estimate'] is not None, r['id']

@@ -6,7 +6,8 @@ method, quantizer and bits, its official checkpoint as
 ``official_checkpoint``), the conversion and test commands, the quoted
 figure, and the estimated time of the run on one GPU and on eight from the
 benchmark's FLOP counts (:func:`dfq_dense.report.budget.estimate_run`).
-Rows the suite cannot run yet (the classification track) say so.
+Rows without a config say so; the classification rows have no time
+estimate (the FLOP counts cover the detectors and segmentors).
 """
 import os.path as osp
 
@@ -96,12 +97,18 @@ def markdown(rows, tflops=TFLOPS):
             continue
         est = r['estimate']
         extra = _not_counted(r['schedule']) if est else ''
+        # A timm classifier reads the official release file as it is
+        # (timm's own key filter); the dense models' files are converted.
+        how = '(as it is)' if r['task'] == 'classification' else \
+            f'(convert: `--model {r["model"]}`)'
+        # The FLOP counts cover the dense models only: no estimate for
+        # the classifiers.
+        none = 'no FLOP count' if r['task'] == 'classification' else '-'
         table.append([
             f'`{r["id"]}`', r['method'], r['what'], r['figure'],
-            f'`{r["checkpoint"]}` (convert: `--model {r["model"]}`)',
-            f'`{r["config"]}`',
-            _t(est['gpus']['1']['total_s']) + extra if est else '-',
-            _t(est['gpus']['8']['total_s']) + extra if est else '-'])
+            f'`{r["checkpoint"]}` {how}', f'`{r["config"]}`',
+            _t(est['gpus']['1']['total_s']) + extra if est else none,
+            _t(est['gpus']['8']['total_s']) + extra if est else none])
     return markdown_table(
         ['published row', 'method', 'model, bits', 'quoted figure',
          'official checkpoint', 'config', f'1 GPU (estimate, {tflops:g} '
