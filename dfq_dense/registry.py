@@ -11,6 +11,7 @@ from mmengine.registry import METRICS as MMENGINE_METRICS
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import TASK_UTILS as MMENGINE_TASK_UTILS
 from mmengine.registry import Registry
+from mmengine import registry as _roots
 
 # Synthesizers (data sources), quantized modules and quantizers; the
 # classification track's timm classifier (dfq_dense.cls).
@@ -37,6 +38,26 @@ METRICS = Registry('metric', parent=MMENGINE_METRICS,
 # second ``dfq_dense`` child under one of its roots would clash with the
 # ones above), so this one is a root of its own in the ``dfq_dense`` scope,
 # always built through :func:`build` below.
+# The rest of mmengine's roots, empty here, as mmengine-template declares
+# them: a config in the dfq_dense scope (the classification track's) then
+# finds mmengine's samplers, optimizers, schedulers, visualizers... through
+# the parent without a "Failed to search registry" warning for each.
+DATA_SAMPLERS = Registry('data sampler', parent=_roots.DATA_SAMPLERS)
+EVALUATOR = Registry('evaluator', parent=_roots.EVALUATOR)
+LOG_PROCESSORS = Registry('log_processor', parent=_roots.LOG_PROCESSORS)
+MODEL_WRAPPERS = Registry('model_wrapper', parent=_roots.MODEL_WRAPPERS)
+OPTIM_WRAPPER_CONSTRUCTORS = Registry(
+    'optimizer wrapper constructor', parent=_roots.OPTIM_WRAPPER_CONSTRUCTORS)
+OPTIM_WRAPPERS = Registry('optim_wrapper', parent=_roots.OPTIM_WRAPPERS)
+OPTIMIZERS = Registry('optimizer', parent=_roots.OPTIMIZERS)
+PARAM_SCHEDULERS = Registry('parameter scheduler',
+                            parent=_roots.PARAM_SCHEDULERS)
+RUNNERS = Registry('runner', parent=_roots.RUNNERS)
+TRANSFORMS = Registry('transform', parent=_roots.TRANSFORMS)
+VISBACKENDS = Registry('vis_backend', parent=_roots.VISBACKENDS)
+VISUALIZERS = Registry('visualizer', parent=_roots.VISUALIZERS)
+WEIGHT_INITIALIZERS = Registry('weight initializer',
+                               parent=_roots.WEIGHT_INITIALIZERS)
 ADAPTERS = Registry('adapter', scope='dfq_dense',
                     locations=['dfq_dense.adapt'])
 
