@@ -329,7 +329,8 @@ def test_deit_spdfq_config_loads_and_assembles():
     assert synth['crop_size'] is None  # fixed-size timm input
     assert synth['components']['apa'] is True
     assert (dfq.quantizer.w_bits, dfq.quantizer.a_bits) == (4, 8)
-    assert dfq.get('adapter') is None  # the Swin-only reconstruction off
+    # the method's block-wise reconstruction, as on the Swin configs
+    assert dfq.adapter['type'] == 'BlockReconstruction'
     synth.update(num_images=2, batch_size=2, img_size=32, iterations=1,
                  progress=False)
     s = build(MODELS, synth)

@@ -20,9 +20,8 @@ _base_ = [
 # form; DeiT takes 224x224 inputs only (its position embedding is built for
 # the 14x14 grid), so the fragment's crop_size='native' is refused.
 dfq = dict(synthesizer=dict(label_head='classifier', crop_size=None))
-# The fragment's block-wise reconstruction walks an mmdet / mmseg Swin
-# (patch_embed, stages[i].blocks, stages[i].downsample) and stops on a timm
-# VisionTransformer: calibration only here.
-dfq_adapter = None
+# The fragment's block-wise reconstruction follows: on DeiT its units are
+# the patch embedding (with the CLS token and position embedding), the 12
+# blocks and the head against the FP logits.
 # Naive quantizer, as the other configs/cls leaf configs.
 work_dir = './work_dirs/cls/deit_s_w4a8_spdfq'

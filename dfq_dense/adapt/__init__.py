@@ -22,7 +22,8 @@ from .mimiq_distill import MimiQDistill  # noqa: F401
 from .psaq_v2 import PSAQViTV2Rounds  # noqa: F401
 from .student_step import (StudentStep, adapted_modules,  # noqa: F401
                            add_scalars, extract_features, frozen_modules,
-                           get_neck, mean_discrepancy, trainable_scales)
+                           get_neck, mean_discrepancy, resolve_outputs,
+                           timm_feature_map, trainable_scales)
 
 __all__ = [
     'BaseAdapter', 'PSAQViTV2Rounds', 'MimiQDistill', 'BlockReconstruction',
@@ -30,5 +31,6 @@ __all__ = [
     'feature_discrepancy', 'headwise_structure_loss',
     'headwise_structure_loss_records', 'extract_features',
     'mean_discrepancy', 'adapted_modules', 'frozen_modules',
-    'trainable_scales', 'get_neck', 'add_scalars', 'MEASURES'
+    'trainable_scales', 'get_neck', 'add_scalars', 'resolve_outputs',
+    'timm_feature_map', 'MEASURES'
 ]

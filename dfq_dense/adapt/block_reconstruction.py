@@ -8,7 +8,9 @@ quantized block reproduces the full-precision block's output (paper
 setting: Adam, lr 4e-5, 100 iterations per block, 32 synthetic images).
 There is no official code; :class:`BlockReconstruction` implements that
 description at the backbone (and optionally neck) level of mmdet / mmseg
-Swin models.  See the class docstring for every choice made.
+Swin models, and on timm Swin and ViT / DeiT classifiers (the
+classification track: the whole classifier, its head included).  See the
+class docstring for every choice made.
 """
 import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -63,13 +65,17 @@ class _Unit:
     :func:`reconstruction_units`)."""
 
     def __init__(self, name: str, kind: str, s_mod: nn.Module,
-                 t_mod: nn.Module, learn: bool, index: int = -1):
+                 t_mod: nn.Module, learn: bool, index: int = -1,
+                 arch: str = 'mm'):
         self.name = name
-        self.kind = kind  # patch_embed / block / downsample / output / neck
+        # patch_embed / block / downsample / output / neck / head
+        self.kind = kind
         self.s_mod = s_mod  # the student module whose parameters learn
         self.t_mod = t_mod
         self.learn = learn
         self.index = index  # stage index of an 'output' unit
+        # 'mm' (mmdet / mmseg Swin), 'timm_swin' or 'timm_vit'
+        self.arch = arch
 
     def __repr__(self):
         return f'_Unit({self.name!r}, {self.kind!r}, learn={self.learn})'
@@ -98,20 +104,86 @@ def _check_swin(bb: nn.Module, who: str):
             f'BlockReconstruction: the {who} backbone '
             f'({type(bb).__name__}) is not a Swin Transformer (mmdet / '
             'mmseg SwinTransformer: patch_embed, stages[i].blocks, '
-            'stages[i].downsample)')
+            'stages[i].downsample) or a timm Swin / ViT classifier')
+
+
+def _timm_arch(bb: nn.Module) -> Optional[str]:
+    """``'timm_swin'`` / ``'timm_vit'`` for timm's Swin / ViT (DeiT)
+    classifiers, else None."""
+    try:
+        from timm.models.swin_transformer import SwinTransformer
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(bb, SwinTransformer):
+        return 'timm_swin'
+    if isinstance(bb, VisionTransformer):
+        return 'timm_vit'
+    return None
+
+
+def _timm_units(t_bb: nn.Module, s_bb: nn.Module, arch: str,
+                patch_embed: bool, downsample: bool,
+                head: bool) -> List[_Unit]:
+    """The walk through a timm classifier: ``patch_embed`` (ViT: with the
+    CLS token, the position embedding and the pre-norm), then timm Swin's
+    ``layers[i].downsample`` (before the stage's blocks, when it merges)
+    and ``layers[i].blocks[j]``, or ViT's ``blocks[j]``, then ``head`` (the
+    final norm, the pooling and the classifier)."""
+    if type(t_bb) is not type(s_bb):
+        raise ValueError('BlockReconstruction: the teacher and the student '
+                         'are different timm models')
+    units = [_Unit('backbone.patch_embed', 'patch_embed', s_bb.patch_embed,
+                   t_bb.patch_embed, bool(patch_embed), arch=arch)]
+    if arch == 'timm_swin':
+        if len(s_bb.layers) != len(t_bb.layers) or any(
+                len(a.blocks) != len(b.blocks)
+                for a, b in zip(s_bb.layers, t_bb.layers)):
+            raise ValueError('BlockReconstruction: the teacher and the '
+                             'student backbones differ in their stages / '
+                             'blocks')
+        for i, (s_st, t_st) in enumerate(zip(s_bb.layers, t_bb.layers)):
+            if not isinstance(s_st.downsample, nn.Identity):
+                units.append(_Unit(f'backbone.layers.{i}.downsample',
+                                   'downsample', s_st.downsample,
+                                   t_st.downsample, bool(downsample),
+                                   arch=arch))
+            for j, (s_blk, t_blk) in enumerate(zip(s_st.blocks,
+                                                   t_st.blocks)):
+                units.append(_Unit(f'backbone.layers.{i}.blocks.{j}',
+                                   'block', s_blk, t_blk, True, arch=arch))
+    else:
+        if len(s_bb.blocks) != len(t_bb.blocks):
+            raise ValueError('BlockReconstruction: the teacher and the '
+                             'student backbones differ in their blocks')
+        for j, (s_blk, t_blk) in enumerate(zip(s_bb.blocks, t_bb.blocks)):
+            units.append(_Unit(f'backbone.blocks.{j}', 'block', s_blk,
+                               t_blk, True, arch=arch))
+    units.append(_Unit('backbone.head', 'head', s_bb.head, t_bb.head,
+                       bool(head), arch=arch))
+    return units
 
 
 def reconstruction_units(teacher: nn.Module, student: nn.Module,
                          patch_embed: bool = True, downsample: bool = True,
-                         include_neck: bool = False) -> List[_Unit]:
+                         include_neck: bool = False,
+                         head: bool = True) -> List[_Unit]:
     """The forward-order walk through a Swin model, one :class:`_Unit` per
     step: ``patch_embed`` (with the absolute position embedding and its
     dropout), every ``SwinBlock``, every ``PatchMerging`` (``downsample``),
     the output norms of the ``out_indices`` stages (``output``, only when
     the neck is reconstructed: they feed it) and the neck.  ``learn`` says
     whether the unit is reconstructed or only run to carry the
-    activations to the next one."""
+    activations to the next one.
+
+    A timm Swin or ViT / DeiT classifier (the backbone of a
+    :class:`~dfq_dense.cls.TimmClassifier`) is walked as timm runs it
+    (:func:`_timm_units`), its classifier head last (``head``: whether
+    it is reconstructed)."""
     s_bb, t_bb = _backbone(student), _backbone(teacher)
+    arch = _timm_arch(s_bb)
+    if arch is not None:
+        return _timm_units(t_bb, s_bb, arch, patch_embed, downsample, head)
     _check_swin(s_bb, 'student')
     _check_swin(t_bb, 'teacher')
     if len(s_bb.stages) != len(t_bb.stages) or any(
@@ -218,6 +290,23 @@ class BlockReconstruction(BaseAdapter):
     partly make up for it.  A unit that is not reconstructed (or has
     nothing to learn) is still run, to carry the activations on.
 
+    A timm classifier (the classification track: the ``backbone`` of a
+    :class:`~dfq_dense.cls.TimmClassifier` is the whole timm model) is
+    walked as its ``forward_features`` and ``forward_head`` run it:
+    ``patch_embed`` (for a ViT / DeiT with the CLS token, the position
+    embedding and the pre-norm, which hold no quantized layer), then timm
+    Swin's ``layers[i].downsample`` (timm merges patches at the *start* of
+    a stage) and ``layers[i].blocks[j]``, or ViT's ``blocks[j]`` (each a
+    BRECQ block: attention and MLP jointly), then ``head``: the final
+    norm, the pooling and the classifier, whose Linear is the last
+    quantized layer (BRECQ reconstructs the last layer of a classifier on
+    its own too), against the FP logits (``reconstruct_head``).  The
+    tokens / maps between the units are timm's (``(B, H, W, C)`` for Swin,
+    ``(B, N, C)`` with the CLS token for a ViT).  The learned module of the
+    head unit is ``head`` (timm Swin's ``ClassifierHead``, a ViT's Linear),
+    the final norm is run with the head but not learned with
+    ``params='both'`` (it is not quantized).
+
     Per unit, with ``x_t`` the teacher's (FP) input to the unit, computed
     by the FP units before it on the images, and ``x_s`` the student's:
 
@@ -305,6 +394,9 @@ class BlockReconstruction(BaseAdapter):
             the first and last); 0: only one line per unit.
         reconstruct_patch_embed: reconstruct the patch embedding.
         reconstruct_downsample: reconstruct the ``PatchMerging`` layers.
+        reconstruct_head: reconstruct a timm classifier's head (its
+            final norm, pooling and classifier; the classifier Linear is
+            the quantized layer).
         weight_lr: learning rate of the weights (``'both'`` /
             ``'weights'``), default ``lr``.
         betas, eps: Adam settings.
@@ -325,6 +417,7 @@ class BlockReconstruction(BaseAdapter):
                  log_interval: int = 50,
                  reconstruct_patch_embed: bool = True,
                  reconstruct_downsample: bool = True,
+                 reconstruct_head: bool = True,
                  weight_lr: Optional[float] = None,
                  betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8,
@@ -357,6 +450,7 @@ class BlockReconstruction(BaseAdapter):
         self.log_interval = max(0, int(log_interval))
         self.reconstruct_patch_embed = bool(reconstruct_patch_embed)
         self.reconstruct_downsample = bool(reconstruct_downsample)
+        self.reconstruct_head = bool(reconstruct_head)
         self.weight_lr = self.lr if weight_lr is None else float(weight_lr)
         self.betas = tuple(float(b) for b in betas)
         self.eps = float(eps)
@@ -397,6 +491,9 @@ class BlockReconstruction(BaseAdapter):
                  hw: Optional[tuple], student: bool):
         """Run ``unit`` of ``model`` on ``acts``: ``(outputs, hw_shape)``."""
         mod = unit.s_mod if student else unit.t_mod
+        if unit.arch != 'mm':
+            return BlockReconstruction._forward_timm(unit, model, mod,
+                                                     acts), hw
         if unit.kind == 'patch_embed':
             bb = _backbone(model)
             x, hw = mod(acts[0])
@@ -422,6 +519,26 @@ class BlockReconstruction(BaseAdapter):
                 outs = (outs, )
             return tuple(outs), hw
         raise ValueError(f'unknown unit kind {unit.kind!r}')
+
+    @staticmethod
+    def _forward_timm(unit: _Unit, model: nn.Module, mod: nn.Module,
+                      acts: Acts) -> Acts:
+        """A unit of a timm classifier, as its ``forward_features`` /
+        ``forward_head`` run it (Swin: ``(B, H, W, C)`` maps, ViT: ``(B,
+        N, C)`` tokens; the head gives the ``(B, K)`` logits)."""
+        bb = _backbone(model)
+        x = acts[0]
+        if unit.kind == 'patch_embed':
+            x = mod(x)
+            if unit.arch == 'timm_vit':
+                x = bb.norm_pre(bb.patch_drop(bb._pos_embed(x)))
+        elif unit.kind == 'head':
+            x = bb.forward_head(bb.norm(x))  # mod is bb.head
+        elif unit.kind in ('block', 'downsample'):
+            x = mod(x)
+        else:
+            raise ValueError(f'unknown unit kind {unit.kind!r}')
+        return (x, )
 
     @torch.no_grad()
     def _map(self, unit, model, acts: Acts, hw, student: bool, device,
@@ -462,7 +579,7 @@ class BlockReconstruction(BaseAdapter):
         units = reconstruction_units(
             teacher, student, patch_embed=self.reconstruct_patch_embed,
             downsample=self.reconstruct_downsample,
-            include_neck=self.include_neck)
+            include_neck=self.include_neck, head=self.reconstruct_head)
         if self.include_neck and units[-1].kind != 'neck':
             print_log('[BlockReconstruction] include_neck: the model has no '
                       'neck, only the backbone is reconstructed',

@@ -71,9 +71,16 @@ def feature_discrepancy(t_feats: Feats,
       The raw (un-standardised) features are used: the channel softmax is
       what a 1x1 classifier over the features would see.
 
+    ``(B, K)`` class logits (a classifier's output) are one position of
+    ``K`` channels: ``'kl'`` is then ``tau^2 * KL(softmax(t / tau) ||
+    softmax(s / tau))`` over the classes, Hinton's knowledge-distillation
+    loss; ``'mse'`` is refused (it standardises each channel over the
+    positions of a map, and logits have a single one).
+
     Args:
         t_feats, s_feats: a ``(B, C, H, W)`` tensor or a list of them (one
-            per stage); the lists must match in length and shapes.
+            per stage), or ``(B, K)`` logits; the lists must match in
+            length and shapes.
         measure: ``'mse'`` or ``'kl'``.
         tau: KL temperature (``'kl'`` only).
         reduction: ``'mean'`` (scalar, mean over the batch), ``'sum'``
@@ -97,10 +104,18 @@ def feature_discrepancy(t_feats: Feats,
                          f'{len(t_list)} and {len(s_list)}')
     per_stage = []
     for k, (t, s) in enumerate(zip(t_list, s_list)):
-        if t.shape != s.shape or t.dim() != 4:
+        if t.shape != s.shape or t.dim() not in (2, 4):
             raise ValueError(
                 f'feature_discrepancy: stage {k}: teacher {tuple(t.shape)} '
-                f'and student {tuple(s.shape)} must be equal (B, C, H, W)')
+                f'and student {tuple(s.shape)} must be equal (B, C, H, W) '
+                'maps or (B, K) logits')
+        if t.dim() == 2:
+            if measure == 'mse':
+                raise ValueError(
+                    "feature_discrepancy: measure='mse' standardises map "
+                    'channels over their positions, (B, K) logits have '
+                    "none; use measure='kl'")
+            t, s = t[:, :, None, None], s[:, :, None, None]
         t = t if t.dtype == torch.float64 else t.float()
         s = s.to(t.dtype)
         if measure == 'mse':

@@ -2,10 +2,12 @@
 
 MimiQ distils the teacher's attention output into the student head by head
 with the structure term of SSIM
-(:func:`~dfq_dense.adapt.losses.headwise_structure_loss`).  At the backbone
-level of a detector or segmentor it is a
+(:func:`~dfq_dense.adapt.losses.headwise_structure_loss`), plus a KL
+divergence on the class logits.  It is a
 :class:`~dfq_dense.adapt.student_step.StudentStep` with ``loss='mimiq'``
-and MimiQ's QAT optimiser settings.
+and MimiQ's QAT optimiser settings: on a timm classifier with the KL of the
+class probabilities, at the backbone level of a detector or segmentor with
+the feature discrepancy of the backbone outputs in its place.
 """
 from typing import Optional
 
@@ -13,7 +15,7 @@ from ..registry import ADAPTERS
 from ..synth.base import get_backbone
 from ..synth.hooks import AttnOutputRecorder
 from .base import BaseAdapter
-from .student_step import StudentStep
+from .student_step import StudentStep, resolve_outputs
 
 __all__ = ['MimiQDistill']
 
@@ -23,8 +25,12 @@ class MimiQDistill(BaseAdapter):
     """Head-wise structural attention distillation of the calibrated student.
 
     ``10 x (1 - structure term)`` per head on the ``attn @ v`` outputs of
-    every window attention + the feature discrepancy of the backbone outputs
-    (standing in for MimiQ's KL on class logits), SGD Nesterov (momentum
+    every attention (Swin windows; a timm DeiT's global attention, CLS
+    token included) + MimiQ's KL divergence of the class probabilities on
+    a timm classifier (``student_step=dict(outputs='features')``: the
+    backbone-level variant), or, on a detector or segmentor, the feature
+    discrepancy of the backbone outputs standing in for it (see
+    :class:`~dfq_dense.adapt.student_step.StudentStep`), SGD Nesterov (momentum
     0.9, lr 1e-6, weight decay 1e-4, MimiQ's QAT settings), 50 steps, on the
     student's backbone weights through the straight-through fake
     quantizers.  The quantization parameters stay those of the calibration;
@@ -46,10 +52,14 @@ class MimiQDistill(BaseAdapter):
             student_step, seed=seed, name='MimiQ.distill', **self.DEFAULTS)
 
     def check_model(self, model):
-        """The structure loss hooks Swin window attention."""
+        """The structure loss hooks Swin window attention (or a timm
+        classifier's attention); ``outputs='classifier'`` needs class
+        logits."""
         super().check_model(model)
-        if self.student_step.loss == 'mimiq':
+        step = self.student_step
+        if step.loss == 'mimiq':
             AttnOutputRecorder(get_backbone(model)).remove()
+        resolve_outputs(step.name, step.outputs, step.measure, model)
 
     def run(self, teacher, student, images, calibrate=None):
         """Distil ``teacher`` into ``student`` on ``images`` (returned

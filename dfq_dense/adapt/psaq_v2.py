@@ -30,9 +30,9 @@ from ..synth.losses import (GRIDS, TAU_REF_PIXELS, kde_chunk_of,
                             tv_prior_loss)
 from .base import BaseAdapter, check_choice
 from .losses import MEASURES, feature_discrepancy
-from .student_step import (StudentStep, adapted_modules, add_scalars,
-                           extract_features, frozen_modules,
-                           mean_discrepancy)
+from .student_step import (OUTPUTS, StudentStep, adapted_modules,
+                           add_scalars, extract_features, frozen_modules,
+                           mean_discrepancy, resolve_outputs)
 
 __all__ = ['PSAQViTV2Rounds']
 
@@ -43,8 +43,10 @@ ADAPT_SEED_OFFSET = 1000003
 
 @ADAPTERS.register_module()
 class PSAQViTV2Rounds(BaseAdapter):
-    """PSAQ-ViT V2's rounds (adaptive teacher-student) at the backbone level
-    of Swin.
+    """PSAQ-ViT V2's rounds (adaptive teacher-student): at the backbone
+    level of Swin for detectors and segmentors, on the class logits of a
+    timm Swin / DeiT classifier (the classification track, as the paper on
+    ImageNet).
 
     :meth:`run` (after the DFQ loop synthesized the V1 images on the frozen
     FP teacher and calibrated the student on them) runs ``rounds`` rounds
@@ -92,11 +94,26 @@ class PSAQViTV2Rounds(BaseAdapter):
     (c) *student step*: :class:`~dfq_dense.adapt.student_step.StudentStep`
         on the whole pool (loss ``'feature'`` by default).
 
+    What the discrepancy is measured on (``outputs``,
+    :func:`~dfq_dense.adapt.student_step.resolve_outputs`):
+
+    * a classifier (a :class:`~dfq_dense.cls.TimmClassifier`: its backbone
+      outputs class logits): the teacher's and the student's logits, the
+      KL divergence of their class probabilities
+      (:func:`~dfq_dense.adapt.losses.feature_discrepancy` ``'kl'`` on
+      ``(B, K)``: ``tau^2 KL(softmax(t / tau) || softmax(s / tau))``,
+      ``tau=1``), which the paper's ImageNet setting uses: the samples
+      raise it, the student step lowers it (knowledge distillation).  No
+      label term (V2 has no category guidance).  ``outputs='features'``
+      takes the backbone-level variant instead (the classifier's last
+      feature map, :func:`~dfq_dense.adapt.student_step.timm_feature_map`,
+      ``measure='mse'``).
+
     Choices the paper leaves open (all configurable):
 
-    * What the discrepancy is measured on: the teacher's and student's
-      multi-scale backbone outputs (the neck outputs with
-      ``include_neck=True``), with
+    * What the discrepancy is measured on for detectors and segmentors:
+      the teacher's and student's multi-scale backbone outputs (the neck
+      outputs with ``include_neck=True``), with
       :func:`~dfq_dense.adapt.losses.feature_discrepancy`, ``measure``
       ``'mse'`` (on teacher-standardised features, default) or ``'kl'``
       (channel softmax, temperature ``tau``).  Detection / segmentation
@@ -159,13 +176,18 @@ class PSAQViTV2Rounds(BaseAdapter):
         sample_shares: ``dict(entropy=, discrepancy=, tv=)`` shares of the
             update with ``balance='grad_norm'`` (missing names keep their
             defaults; renormalised over the active components).
-        measure, tau: the discrepancy measure.
+        outputs: ``'auto'`` (default: the class logits of a classifier,
+            else the backbone's feature maps), ``'classifier'`` or
+            ``'features'``, see above.
+        measure, tau: the discrepancy measure (``measure`` None: ``'kl'``
+            on logits, ``'mse'`` on feature maps; ``'mse'`` on logits is
+            refused).
         include_neck: measure on (and adapt) the neck outputs too.
         recalibrate: re-run ``calibrate(pool)`` after each sample step.
         components: ablation switches, see above.
         student_step: :class:`StudentStep` arguments; defaults
-            ``batch_size``, ``include_neck``, ``measure``, ``tau``, ``seed``
-            and ``log_interval // 5`` to this adapter's.
+            ``batch_size``, ``include_neck``, ``outputs``, ``measure``,
+            ``tau``, ``seed`` and ``log_interval // 5`` to this adapter's.
         eval_discrepancy: log the pool's mean discrepancy at the start and
             end of every round (two no-grad passes over the pool).
         entropy_weight, bandwidth, num_points, max_samples, diagonal, grid,
@@ -186,7 +208,8 @@ class PSAQViTV2Rounds(BaseAdapter):
             over the micro-batches before its per-image rescaling.  Not
             with ``max_samples``.
         with_cp: activation checkpointing of the teacher's and the
-            student's Swin blocks in the sample step
+            student's transformer blocks (Swin; timm Swin / ViT / DeiT) in
+            the sample step
             (:func:`~dfq_dense.synth.loop.checkpointed_blocks`; the same
             images).
         log_interval: log the sample step every this many iterations.
@@ -213,9 +236,10 @@ class PSAQViTV2Rounds(BaseAdapter):
                  disc_weight: float = 1.0,
                  balance: Optional[str] = 'grad_norm',
                  sample_shares: Optional[Dict[str, float]] = None,
-                 measure: str = 'mse',
+                 measure: Optional[str] = None,
                  tau: float = 1.0,
                  include_neck: bool = False,
+                 outputs: str = 'auto',
                  recalibrate: bool = False,
                  components: Union[None, Dict[str, bool],
                                    Sequence[str]] = None,
@@ -262,7 +286,8 @@ class PSAQViTV2Rounds(BaseAdapter):
         if int(rounds) < 0 or int(sample_iters) < 0:
             raise ValueError(f'{name}: rounds and sample_iters must be >= 0')
         check_choice(name, 'selection', selection, self.SELECTIONS)
-        check_choice(name, 'measure', measure, MEASURES)
+        check_choice(name, 'measure', measure, (None, ) + MEASURES)
+        check_choice(name, 'outputs', outputs, OUTPUTS)
         if images_per_round is not None and int(images_per_round) < 1:
             raise ValueError(f'{name}: images_per_round must be >= 1 or '
                              'None (all)')
@@ -294,6 +319,10 @@ class PSAQViTV2Rounds(BaseAdapter):
         self.disc_weight = float(disc_weight)
         self.measure = measure
         self.tau = float(tau)
+        self.outputs = outputs
+        # what the discrepancy is taken on, and how, for the model at hand
+        # (resolve_outputs; set by run / sample_step)
+        self._outputs, self._measure = None, measure
         self.include_neck = bool(include_neck)
         self.recalibrate = bool(recalibrate)
         self.eval_discrepancy = bool(eval_discrepancy)
@@ -317,16 +346,21 @@ class PSAQViTV2Rounds(BaseAdapter):
         self.device = device
         self.student = StudentStep.build(
             student_step, batch_size=self.batch_size,
-            include_neck=self.include_neck, measure=self.measure,
-            tau=self.tau, seed=self.seed,
+            include_neck=self.include_neck, outputs=self.outputs,
+            measure=self.measure, tau=self.tau, seed=self.seed,
             log_interval=max(1, self.log_interval // 5),
             name=f'{name}/student')
         self._sample_log_step = 0
 
     def check_model(self, model):
         """The entropy (and a ``'mimiq'`` student loss) hooks Swin window
-        attention: fail early without it."""
+        attention (or a timm classifier's attention): fail early without
+        it, or without class logits for ``outputs='classifier'``."""
         super().check_model(model)
+        self._resolve(model)
+        if self.components['student_step']:
+            resolve_outputs(self.student.name, self.student.outputs,
+                            self.student.measure, model)
         if self.components['entropy'] or self.student.loss == 'mimiq':
             AttnOutputRecorder(get_backbone(model)).remove()
 
@@ -361,6 +395,12 @@ class PSAQViTV2Rounds(BaseAdapter):
         return warmup_cosine_lr(it, self.sample_lr, 0,
                                 max(1, self.sample_iters))
 
+    def _resolve(self, model: nn.Module) -> None:
+        """Set what the discrepancy is taken on for ``model``, and how
+        (:func:`~dfq_dense.adapt.student_step.resolve_outputs`)."""
+        self._outputs, self._measure = resolve_outputs(
+            type(self).__name__, self.outputs, self.measure, model)
+
     def _device(self, model: nn.Module) -> torch.device:
         if self.device is not None:
             return torch.device(self.device)
@@ -377,6 +417,7 @@ class PSAQViTV2Rounds(BaseAdapter):
         """Adapt images and student in turn (see the class docstring);
         returns the adapted pool, CPU float ``(N, 3, H, W)``."""
         self.mean, self.std = get_mean_std(teacher)
+        self._resolve(teacher)
         comp = self.components
         pool = images.detach().float().cpu().clone()
         generator = torch.Generator().manual_seed(self.seed +
@@ -423,8 +464,8 @@ class PSAQViTV2Rounds(BaseAdapter):
         if not self.eval_discrepancy:
             return None
         return mean_discrepancy(teacher, student, pool, self.include_neck,
-                                self.measure, self.tau,
-                                self.batch_size).item()
+                                self._measure, self.tau, self.batch_size,
+                                outputs=self._outputs).item()
 
     def _log_round(self, r, d_start, d_hard, d_end, hub):
         d_before, d_after = getattr(self, '_sample_disc', (None, None))
@@ -466,8 +507,8 @@ class PSAQViTV2Rounds(BaseAdapter):
         if self.selection == 'random':
             return torch.randperm(n, generator=generator)[:k]
         d = mean_discrepancy(teacher, student, pool, self.include_neck,
-                             self.measure, self.tau, self.batch_size,
-                             reduction='none')
+                             self._measure, self.tau, self.batch_size,
+                             reduction='none', outputs=self._outputs)
         order = torch.sort(d, descending=self.selection == 'hard',
                            stable=True).indices
         return order[:k]
@@ -476,6 +517,7 @@ class PSAQViTV2Rounds(BaseAdapter):
                     pool: torch.Tensor, round_idx: int,
                     generator: torch.Generator, bar=None) -> torch.Tensor:
         """Step (a) of a round on ``pool`` (returned updated, CPU)."""
+        self._resolve(teacher)
         comp = self.components
         device = self._device(student)
         mean, std = self.mean.to(device), self.std.to(device)
@@ -522,8 +564,8 @@ class PSAQViTV2Rounds(BaseAdapter):
         """Mean discrepancy of ``images`` (no grad, this adapter's
         measure)."""
         return mean_discrepancy(teacher, student, images, self.include_neck,
-                                self.measure, self.tau,
-                                self.batch_size).item()
+                                self._measure, self.tau, self.batch_size,
+                                outputs=self._outputs).item()
 
     def sample_terms(self, teacher, student, x, rec, generator, use_neck
                      ) -> Tuple[Dict[str, torch.Tensor], float]:
@@ -536,6 +578,8 @@ class PSAQViTV2Rounds(BaseAdapter):
         order entropy, TV.
         """
         comp = self.components
+        if self._outputs is None:  # called outside run / sample_step
+            self._resolve(teacher)
         x_aug = self.augment(x, generator) if self.sample_augment else x
         terms = {}
         mean_ent = 0.
@@ -544,16 +588,18 @@ class PSAQViTV2Rounds(BaseAdapter):
             if rec is not None:
                 rec.clear()
             t_device = self._device(teacher)
-            t_feats = extract_features(teacher, x_aug.to(t_device), use_neck)
+            t_feats = extract_features(teacher, x_aug.to(t_device), use_neck,
+                                       self._outputs)
         if comp['entropy']:
             loss_ent, ents = self.entropy_loss(rec.records, generator)
             rec.clear()
             mean_ent = ents.mean().item()
             terms['entropy'] = loss_ent.to(x.device)
         if comp['discrepancy']:
-            s_feats = extract_features(student, x_aug, use_neck)
+            s_feats = extract_features(student, x_aug, use_neck,
+                                       self._outputs)
             terms['discrepancy'] = -feature_discrepancy(
-                [f.to(x.device) for f in t_feats], s_feats, self.measure,
+                [f.to(x.device) for f in t_feats], s_feats, self._measure,
                 self.tau)
         del t_feats
         if comp['tv']:
@@ -623,6 +669,8 @@ class PSAQViTV2Rounds(BaseAdapter):
     def _sample_iter(self, teacher, student, x, opt, rec, generator,
                      use_neck, mean, std) -> Dict[str, float]:
         opt.zero_grad(set_to_none=True)
+        if self._outputs is None:  # called outside run / sample_step
+            self._resolve(teacher)
         m = self.micro_batch_size
         if m is not None and m < x.shape[0]:
             return self._sample_iter_micro(teacher, student, x, opt, rec,
@@ -701,7 +749,8 @@ class PSAQViTV2Rounds(BaseAdapter):
             terms = {}
             if rec is not None:
                 rec.clear()
-            t_feats = extract_features(teacher, xc.to(t_device), use_neck)
+            t_feats = extract_features(teacher, xc.to(t_device), use_neck,
+                                       self._outputs)
             if comp['entropy']:
                 loss_ent, e = psaq_entropy_loss(
                     rec.records, bandwidth=self.bandwidth,
@@ -714,10 +763,11 @@ class PSAQViTV2Rounds(BaseAdapter):
                 ents = e if ents is None else ents + e
                 terms['entropy'] = loss_ent.to(x.device)
             if comp['discrepancy']:
-                s_feats = extract_features(student, xc, use_neck)
+                s_feats = extract_features(student, xc, use_neck,
+                                           self._outputs)
                 terms['discrepancy'] = -(feature_discrepancy(
                     [f.to(x.device) for f in t_feats], s_feats,
-                    self.measure, self.tau, reduction='sum') / n)
+                    self._measure, self.tau, reduction='sum') / n)
             del t_feats
             for k, t in terms.items():
                 values[k] = t.detach() if k not in values else \

@@ -5,15 +5,19 @@ it shares with the adapters.
 * :class:`StudentStep`: a few optimisation steps of the student's weights,
   its quantizer scales, or both (PSAQ-ViT V2's student step, MimiQ's
   distillation);
-* :func:`extract_features`: the multi-scale outputs of a model's backbone
-  (optionally followed by its neck), as a list of ``(B, C, H, W)``;
+* :func:`extract_features`: what the teacher and the student are compared
+  on: the multi-scale outputs of a model's backbone (optionally followed by
+  its neck), as a list of ``(B, C, H, W)``, or the class logits ``(B, K)``
+  of a classifier backbone (a timm classifier, ``outputs='classifier'``;
+  :func:`resolve_outputs`);
 * :func:`mean_discrepancy`: the discrepancy averaged over an image pool;
 * :func:`frozen_modules`, :func:`trainable_scales`, :func:`adapted_modules`,
   :func:`get_neck`, :func:`add_scalars`.
 
 Models here are full mmdet/mmseg models (``.backbone`` and optionally
-``.neck``); the teacher is the full-precision model, the student its
-fake-quantized copy (see :mod:`dfq_dense.quant`).
+``.neck``) or :class:`~dfq_dense.cls.TimmClassifier` models (``.backbone``
+the whole timm classifier); the teacher is the full-precision model, the
+student its fake-quantized copy (see :mod:`dfq_dense.quant`).
 """
 import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -24,6 +28,7 @@ from torch import nn
 
 from ..quant.quantizer import Quantizer
 from ..synth.base import get_backbone
+from ..synth.feature_targets import classifier_num_classes
 from ..synth.hooks import AttnOutputRecorder
 from .base import check_choice
 from .losses import (MEASURES, _as_list, feature_discrepancy,
@@ -32,12 +37,16 @@ from .losses import (MEASURES, _as_list, feature_discrepancy,
 __all__ = [
     'extract_features', 'mean_discrepancy', 'get_neck', 'adapted_modules',
     'trainable_scales', 'frozen_modules', 'StudentStep', 'add_scalars',
-    'STUDENT_PARAMS', 'STUDENT_LOSSES'
+    'resolve_outputs', 'is_classifier', 'timm_feature_map',
+    'STUDENT_PARAMS', 'STUDENT_LOSSES', 'OUTPUTS'
 ]
 
 STUDENT_PARAMS = ('weights', 'qparams', 'both')
 STUDENT_LOSSES = ('feature', 'mimiq')
 OPTIMIZERS = ('adam', 'sgd')
+#: What the teacher and the student are compared on (see
+#: :func:`resolve_outputs`).
+OUTPUTS = ('auto', 'classifier', 'features')
 
 
 # --------------------------------------------------------------------------
@@ -59,10 +68,102 @@ def adapted_modules(model: nn.Module,
     return mods
 
 
+def is_classifier(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` outputs class logits (a timm classifier, the
+    ``backbone`` of a :class:`~dfq_dense.cls.TimmClassifier`)."""
+    try:
+        classifier_num_classes(backbone)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_outputs(owner: str, outputs: str, measure: Optional[str],
+                    model: nn.Module) -> Tuple[str, str]:
+    """``(kind, measure)``: what ``owner`` compares teacher and student on
+    for ``model``, and with which measure.
+
+    ``outputs``: ``'classifier'``: the class logits of a classifier
+    backbone (a timm classifier), as the methods' papers do on ImageNet;
+    ``'features'``: backbone-level feature maps (the backbone's multi-scale
+    outputs for mmdet / mmseg, :func:`timm_feature_map` for a timm
+    classifier: the variant of the dense track); ``'auto'``:
+    ``'classifier'`` when the backbone outputs class logits, else
+    ``'features'``.  ``measure`` None: ``'kl'`` on logits (the KL
+    divergence of the class probabilities), ``'mse'`` on feature maps.
+
+    Raises:
+        ValueError: ``'classifier'`` for a backbone without class logits,
+            or ``measure='mse'`` on logits (it standardises every channel
+            over the positions of a map; logits have no positions).
+    """
+    check_choice(owner, 'outputs', outputs, OUTPUTS)
+    backbone = get_backbone(model)
+    if outputs == 'classifier':
+        try:
+            classifier_num_classes(backbone)
+        except ValueError as err:
+            raise ValueError(
+                f"{owner}: outputs='classifier' needs class logits: {err}; "
+                "use outputs='features'") from None
+        kind = 'classifier'
+    elif outputs == 'auto':
+        kind = 'classifier' if is_classifier(backbone) else 'features'
+    else:
+        kind = 'features'
+    if measure is None:
+        measure = 'kl' if kind == 'classifier' else 'mse'
+    if kind == 'classifier' and measure == 'mse':
+        raise ValueError(
+            f"{owner}: measure='mse' standardises feature-map channels over "
+            "their positions, class logits have none; use measure='kl' (or "
+            "None) on the logits, or outputs='features'")
+    return kind, measure
+
+
+def timm_feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The backbone-level features of a timm classifier as one ``(B, C, H,
+    W)`` map: ``forward_features`` (the last stage after the final norm,
+    before pooling and head); Swin's ``NHWC`` map permuted, a ViT's /
+    DeiT's tokens without the prefix (CLS) tokens laid out on the patch
+    grid."""
+    f = backbone.forward_features(x)
+    if f.dim() == 4:
+        if getattr(backbone, 'output_fmt', 'NCHW') == 'NHWC':
+            f = f.permute(0, 3, 1, 2)
+        return f
+    if f.dim() != 3:
+        raise ValueError(f'timm_feature_map: {type(backbone).__name__} '
+                         f'features {tuple(f.shape)} are not a map or tokens')
+    f = f[:, int(getattr(backbone, 'num_prefix_tokens', 0) or 0):]
+    n = f.shape[1]
+    embed = getattr(backbone, 'patch_embed', None)
+    grid = tuple(getattr(embed, 'grid_size', None) or ())
+    if len(grid) != 2 or grid[0] * grid[1] != n:
+        grid = (x.shape[-2] // embed.patch_size[0],
+                x.shape[-1] // embed.patch_size[1]) if embed is not None \
+            else (1, n)
+        if grid[0] * grid[1] != n:
+            grid = (1, n)
+    return f.transpose(1, 2).reshape(f.shape[0], f.shape[2], *grid)
+
+
 def extract_features(model: nn.Module, x: torch.Tensor,
-                     include_neck: bool = False) -> List[torch.Tensor]:
-    """``model.backbone(x)`` (then ``model.neck``) as a list of maps."""
-    feats = get_backbone(model)(x)
+                     include_neck: bool = False,
+                     outputs: str = 'features') -> List[torch.Tensor]:
+    """What teacher and student are compared on, as a list: with
+    ``outputs='features'`` ``model.backbone(x)`` (then ``model.neck``) as
+    a list of maps, or a timm classifier's :func:`timm_feature_map`; with
+    ``'classifier'`` ``[model.backbone(x)]``, the ``(B, K)`` logits of a
+    classifier backbone; ``'auto'`` as :func:`resolve_outputs`."""
+    backbone = get_backbone(model)
+    if outputs == 'auto':
+        outputs = 'classifier' if is_classifier(backbone) else 'features'
+    if outputs == 'classifier':
+        return [backbone(x)]
+    if is_classifier(backbone):
+        return [timm_feature_map(backbone, x)]
+    feats = backbone(x)
     neck = get_neck(model) if include_neck else None
     if neck is not None:
         feats = neck(tuple(_as_list(feats)))
@@ -82,8 +183,10 @@ def mean_discrepancy(teacher: nn.Module,
                      measure: str = 'mse',
                      tau: float = 1.0,
                      batch_size: int = 8,
-                     reduction: str = 'mean') -> torch.Tensor:
-    """:func:`feature_discrepancy` over an image pool (no gradient).
+                     reduction: str = 'mean',
+                     outputs: str = 'features') -> torch.Tensor:
+    """:func:`feature_discrepancy` over an image pool (no gradient), on
+    what :func:`extract_features` gives for ``outputs``.
 
     Both models are run in eval mode (their modes are restored).  Returns a
     CPU scalar (``'mean'`` over the images) or ``(N,)`` (``'none'``).
@@ -95,8 +198,10 @@ def mean_discrepancy(teacher: nn.Module,
         out = []
         for i in range(0, len(images), max(1, int(batch_size))):
             x = images[i:i + batch_size]
-            t = extract_features(teacher, x.to(t_device), include_neck)
-            s = extract_features(student, x.to(device), include_neck)
+            t = extract_features(teacher, x.to(t_device), include_neck,
+                                 outputs)
+            s = extract_features(student, x.to(device), include_neck,
+                                 outputs)
             t = [f.to(device) for f in t]
             out.append(
                 feature_discrepancy(t, s, measure, tau,
@@ -202,17 +307,24 @@ class StudentStep:
     Losses (``loss``):
 
     * ``'feature'``: ``feature_weight *`` :func:`feature_discrepancy`
-      (``measure``, ``tau``) between the teacher's and the student's
-      backbone outputs (neck outputs with ``include_neck``).
+      (``measure``, ``tau``) between what the teacher and the student
+      output (``outputs``, :func:`resolve_outputs`): the backbone outputs
+      of a detector or segmentor (neck outputs with ``include_neck``); the
+      class logits of a timm classifier (default there: the KL divergence
+      of the class probabilities, knowledge distillation on the logits),
+      or its backbone-level feature map with ``outputs='features'``.
     * ``'mimiq'``: MimiQ's distillation, ``structure_weight *``
       :func:`~dfq_dense.adapt.losses.headwise_structure_loss` between the
-      per-head ``attn @ v`` outputs of every window attention of the two
+      per-head ``attn @ v`` outputs of every attention of the two
       backbones (:class:`~dfq_dense.synth.hooks.AttnOutputRecorder` with
-      ``average_heads=False``, padding tokens masked) ``+ feature_weight *``
-      feature discrepancy.  MimiQ's ``KL(student || teacher)`` on class
-      logits has no counterpart at the backbone level of a detector or
-      segmentor; the feature discrepancy takes its place (``measure='kl'``
-      gives the closest analogue, a KL over channels at every position).
+      ``average_heads=False``, padding tokens masked; mmdet / mmseg Swin
+      windows, timm Swin windows, timm ViT / DeiT's global attention, CLS
+      token included) ``+ feature_weight *`` that discrepancy.  MimiQ's KL
+      divergence on class logits is the logits' KL on a timm classifier;
+      it has no counterpart at the backbone level of a detector or
+      segmentor, where the feature discrepancy takes its place
+      (``measure='kl'`` gives the closest analogue, a KL over channels at
+      every position).
 
     Weight decay applies to the weights only (decaying a scale shrinks the
     quantization grid).  SGD with LSQ scale gradients (sums over whole
@@ -232,7 +344,11 @@ class StudentStep:
         include_neck: adapt the neck too and measure the feature
             discrepancy on the neck outputs (no-op without a neck).
         loss: ``'feature'`` or ``'mimiq'``.
-        measure, tau: :func:`feature_discrepancy` settings.
+        outputs: ``'auto'`` (the class logits of a classifier backbone,
+            else the backbone's feature maps), ``'classifier'`` or
+            ``'features'`` (:func:`resolve_outputs`).
+        measure, tau: :func:`feature_discrepancy` settings (``measure``
+            None: ``'kl'`` on logits, ``'mse'`` on feature maps).
         feature_weight, structure_weight: loss weights (1.0 and 10.0, the
             latter MimiQ's weight of its structure term).
         min_scale: lower clamp of the trained scales.
@@ -255,8 +371,9 @@ class StudentStep:
                  batch_size: int = 8,
                  include_neck: bool = False,
                  loss: str = 'feature',
-                 measure: str = 'mse',
+                 measure: Optional[str] = None,
                  tau: float = 1.0,
+                 outputs: str = 'auto',
                  feature_weight: float = 1.0,
                  structure_weight: float = 10.0,
                  min_scale: float = 1e-8,
@@ -268,7 +385,8 @@ class StudentStep:
         optimizer = str(optimizer).lower()
         check_choice('StudentStep', 'optimizer', optimizer, OPTIMIZERS)
         check_choice('StudentStep', 'loss', loss, STUDENT_LOSSES)
-        check_choice('StudentStep', 'measure', measure, MEASURES)
+        check_choice('StudentStep', 'measure', measure, (None, ) + MEASURES)
+        check_choice('StudentStep', 'outputs', outputs, OUTPUTS)
         if int(iters) < 0 or int(batch_size) < 1:
             raise ValueError('StudentStep: iters must be >= 0 and '
                              'batch_size >= 1')
@@ -286,6 +404,7 @@ class StudentStep:
         self.loss = loss
         self.measure = measure
         self.tau = float(tau)
+        self.outputs = outputs
         self.feature_weight = float(feature_weight)
         self.structure_weight = float(structure_weight)
         self.min_scale = float(min_scale)
@@ -350,6 +469,8 @@ class StudentStep:
         """
         if len(images) == 0:
             raise ValueError('StudentStep.run: no images')
+        self._outputs, self._measure = resolve_outputs(
+            self.name, self.outputs, self.measure, student)
         s_mods = adapted_modules(student, self.include_neck)
         t_mods = adapted_modules(teacher, self.include_neck)
         weights, scales, qnames = [], [], []
@@ -386,7 +507,7 @@ class StudentStep:
                                                average_heads=False)
                     s_rec = AttnOutputRecorder(get_backbone(student),
                                                average_heads=False)
-                    heads = [m.w_msa.num_heads for _, m in s_rec.modules]
+                    heads = [site.num_heads for site in s_rec.sites]
                 for it, idx in enumerate(batches):
                     x = images[idx]
                     terms = self._step(teacher, student, x, t_device, device,
@@ -410,12 +531,13 @@ class StudentStep:
             if t_rec is not None:
                 t_rec.clear()
             t_feats = extract_features(teacher, x.to(t_device),
-                                       self.include_neck)
+                                       self.include_neck, self._outputs)
             t_feats = [f.to(device) for f in t_feats]
         if s_rec is not None:
             s_rec.clear()
-        s_feats = extract_features(student, x.to(device), self.include_neck)
-        loss_feat = feature_discrepancy(t_feats, s_feats, self.measure,
+        s_feats = extract_features(student, x.to(device), self.include_neck,
+                                   self._outputs)
+        loss_feat = feature_discrepancy(t_feats, s_feats, self._measure,
                                         self.tau)
         loss = self.feature_weight * loss_feat
         loss_struct = None

@@ -12,6 +12,15 @@ tokens) and by the images per forward.  A run whose estimate exceeds the
 memory available says so in one line, with the setting that fixes it; it
 still runs (the estimate leaves out allocator slack and the optimiser's
 state, so it may err either way).
+
+timm classifiers (the classification track) are probed where the pixel
+scaling would not hold (:func:`probe_size`): a model built for one input
+size (the shipped Swin and DeiT classifiers: their patch embedding refuses
+any other) at that size, which is then the synthesis size (the estimate is
+measured, not scaled; another ``img_size`` is refused in one line, as the
+DFQ loop's own check does); a ViT / DeiT taking any size
+(``dynamic_img_size``) at the synthesis size itself, since its global
+attention grows with the square of the tokens.
 """
 import logging
 import os
@@ -93,8 +102,38 @@ def available_bytes(device):
         return None
 
 
-def _probe_cfg(synth_cfg, accepted):
-    cfg = dict(synth_cfg, num_images=1, batch_size=1, img_size=PROBE_HW,
+def probe_size(model, img_size):
+    """``(probe (H, W), scaled)``: the size the estimate is measured at and
+    whether it is scaled from there to ``img_size`` by the pixel count.
+
+    * a backbone built for one input size (a timm classifier whose patch
+      embedding has ``strict_img_size``): that size, not scaled;
+      ValueError (one line) when ``img_size`` is another (its forward
+      would fail);
+    * a backbone with global attention over all tokens (a timm ViT / DeiT
+      with ``dynamic_img_size``): ``img_size``, not scaled (the attention
+      is quadratic in the tokens);
+    * else (Swin's windowed attention: linear in the tokens)
+      :data:`PROBE_HW`, scaled.
+    """
+    from ..synth.hooks import TimmAttentionSite, swin_attention_sites
+    from .model_checks import check_image_size
+    h, w = img_size
+    backbone = getattr(model, 'backbone', None)
+    embed = getattr(backbone, 'patch_embed', None)
+    if getattr(embed, 'strict_img_size', False) and \
+            getattr(embed, 'img_size', None) is not None:
+        check_image_size(model, (h, w))
+        return (h, w), False
+    if backbone is not None and any(
+            isinstance(s, TimmAttentionSite)
+            for s in swin_attention_sites(backbone)):
+        return (h, w), False
+    return PROBE_HW, True
+
+
+def _probe_cfg(synth_cfg, accepted, hw=PROBE_HW):
+    cfg = dict(synth_cfg, num_images=1, batch_size=1, img_size=hw,
                iterations=1, seed=0)
     cfg['micro_batch_size'] = None
     for key, value in (('synth_rounds', 1), ('progress', False),
@@ -106,7 +145,8 @@ def _probe_cfg(synth_cfg, accepted):
 
 def synthesis_estimate(model, synth_cfg, img_size):
     """``dict(per_image=bytes, per_forward=bytes, images_per_forward=n,
-    params=bytes)`` of ``synth_cfg`` on ``model`` at ``img_size`` (H, W);
+    params=bytes, probe_hw=(H, W))`` of ``synth_cfg`` on ``model`` at
+    ``img_size`` (H, W), measured at ``probe_hw`` (:func:`probe_size`);
     None for data sources that optimise nothing or small syntheses."""
     from ..registry import MODELS, build
     from .dfq_config import NON_ITERATIVE, synthesizer_class, \
@@ -119,13 +159,14 @@ def synthesis_estimate(model, synth_cfg, img_size):
     n = min(n, synth_cfg.get('batch_size', n))
     if h * w * n <= SKIP_BELOW:
         return None
+    hw, scaled = probe_size(model, (h, w))
     cls = synthesizer_class(synth_cfg['type'])
-    probe = build(MODELS, _probe_cfg(synth_cfg, synthesizer_keys(cls)))
+    probe = build(MODELS, _probe_cfg(synth_cfg, synthesizer_keys(cls), hw))
     peak, _ = peak_saved_bytes(lambda: probe.generate(model))
-    per_image = peak * (h * w) / (PROBE_HW[0] * PROBE_HW[1])
+    per_image = peak * (h * w) / (hw[0] * hw[1]) if scaled else peak
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     return dict(per_image=per_image, per_forward=per_image * n,
-                images_per_forward=n, params=params)
+                images_per_forward=n, params=params, probe_hw=hw)
 
 
 def check_synthesis_memory(model, synth_cfg, img_size, device,
@@ -157,7 +198,7 @@ def check_synthesis_memory(model, synth_cfg, img_size, device,
     log(f'dfq: the synthesis needs about {need / GB:.1f} GB '
         f'({est["per_image"] / GB:.2f} GB per image at {h}x{w} x '
         f'{est["images_per_forward"]} per forward, measured on a '
-        f'{PROBE_HW[0]}x{PROBE_HW[1]} probe), {device} has '
+        f'{est["probe_hw"][0]}x{est["probe_hw"][1]} probe), {device} has '
         f'{free / GB:.1f} GB free: set ' + ' and '.join(fix) +
         ' (same images; see configs/_base_/methods/)',
         logger='current', level=logging.WARNING)
@@ -166,4 +207,4 @@ def check_synthesis_memory(model, synth_cfg, img_size, device,
 
 
 __all__ = ['peak_saved_bytes', 'available_bytes', 'synthesis_estimate',
-           'check_synthesis_memory', 'PROBE_HW', 'SKIP_BELOW']
+           'check_synthesis_memory', 'probe_size', 'PROBE_HW', 'SKIP_BELOW']

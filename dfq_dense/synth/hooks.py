@@ -38,6 +38,7 @@ The validity mask of the window tokens is built exactly as
 row-major inside each image, images outermost).
 """
 import importlib
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -196,6 +197,18 @@ class WindowAttentionSite:
     #: tokens in front of the patch tokens (a CLS token) of every window
     prefix_tokens = 0
 
+    @property
+    def call_module(self) -> nn.Module:
+        """The module whose forward is one attention call: the record of
+        a call is opened by a pre-hook and closed by a hook on it."""
+        return self.block
+
+    def context_hooks(self):
+        """``[(module, pre_hook)]`` registered before the record's hooks
+        (``pre_hook(module, args, kwargs)``), for what a site reads
+        outside :attr:`call_module`; none here."""
+        return []
+
     def hooks(self, what: str):
         """``[(module, kind, read)]`` giving record ``what``: ``kind``
         ``'pre'`` (a forward pre-hook, ``read(rec, args, kwargs, None)``)
@@ -252,7 +265,10 @@ class TimmWindowAttentionSite(WindowAttentionSite):
     (its forward, ``x`` ``(B, H, W, C)``, holds one attention call: shift,
     pad, partition, ``block.attn``), ``w_msa`` its ``attn`` (timm's
     ``WindowAttention`` or
-    :class:`~dfq_dense.quant.timm_modules.QuantTimmWindowAttention`).
+    :class:`~dfq_dense.quant.timm_modules.QuantTimmWindowAttention`).  A
+    record is opened and closed around the ``attn`` call (the grid ``(H,
+    W)`` kept by a pre-hook on the block), so that the recompute of an
+    activation-checkpointed block runs the record's hooks again.
     The logits are split from the ``qkv`` output as timm does; ``probs``
     are the softmax output when the attention runs its explicit branch
     (the quantized module, or timm's with ``fused_attn`` False) and
@@ -272,10 +288,37 @@ class TimmWindowAttentionSite(WindowAttentionSite):
         self.window_size = ws[0] if ws[0] == ws[1] else ws
         self.shift_size = ss[0] if ss[0] == ss[1] else ss
 
-    @staticmethod
-    def call_shape(args, kwargs):
+    @property
+    def call_module(self) -> nn.Module:
+        """The attention module ``attn`` (not the block): an activation
+        checkpoint of the block (:func:`~dfq_dense.synth.loop
+        .checkpointed_blocks`) recomputes what is inside the block but not
+        the block's own hooks, so the record is opened and closed around
+        the ``attn`` call, whose hooks the recompute runs again."""
+        return self.w_msa
+
+    def context_hooks(self):
+        """A pre-hook on the block keeps its token grid ``(H, W)`` (the
+        ``attn`` call sees windows only) for the ``attn`` calls of its
+        forward and of its recompute."""
+
+        def keep_grid(module, args, kwargs):
+            x = args[0] if args else kwargs['x']
+            self._grid = (int(x.shape[1]), int(x.shape[2]))
+
+        return [(self.block, keep_grid)]
+
+    def call_shape(self, args, kwargs):
+        """``(hw_shape, image batch size)`` of an ``attn`` call: the grid
+        the block's pre-hook kept, the windows ``(B_img * nW, N, C)`` of
+        the call divided by the windows per image."""
         x = args[0] if args else kwargs['x']
-        return (int(x.shape[1]), int(x.shape[2])), int(x.shape[0])
+        hw = getattr(self, '_grid', None)
+        if hw is None:  # attn called outside its block: the block's grid
+            hw = tuple(int(v) for v in self.block.input_resolution)
+        nw = math.prod(-(-int(s) // int(w))
+                       for s, w in zip(hw, self.window_hw))
+        return hw, int(x.shape[0]) // nw
 
     def valid(self, hw_shape, device):
         return timm_window_valid_mask(hw_shape, self.window_hw,
@@ -497,7 +540,10 @@ class SwinAttnRecorder:
                         f'{cls}: {site.name}.w_msa '
                         f'({type(site.w_msa).__name__}) has no '
                         f'`{site.TAPS[what]}` module to hook')
-            self._handles.append(site.block.register_forward_pre_hook(
+            for module, pre_hook in site.context_hooks():
+                self._handles.append(module.register_forward_pre_hook(
+                    pre_hook, with_kwargs=True))
+            self._handles.append(site.call_module.register_forward_pre_hook(
                 self._open_hook(idx, site), with_kwargs=True))
             # registered in the order the existing Swin hooks always were
             for what in ('logits', 'probs', 'feat'):
@@ -505,7 +551,7 @@ class SwinAttnRecorder:
                     self._handles.append(self._register(
                         module, kind, self._read_hook(idx, site, what,
                                                       read)))
-            self._handles.append(site.block.register_forward_hook(
+            self._handles.append(site.call_module.register_forward_hook(
                 self._close_hook(idx)))
 
     # ------------------------------------------------------------------ hooks

@@ -59,8 +59,9 @@ it always gave):
   may round differently with the number of rows, so the gradients agree
   to the last bits (bit-identical on CPU for SPDFQ, MimiQ from 2 images,
   PSAQ-ViT on some splits; relative differences below 1e-6 otherwise).
-* **activation checkpointing** (``with_cp=True``): every Swin block of the
-  frozen backbone runs under non-reentrant :func:`torch.utils.checkpoint`
+* **activation checkpointing** (``with_cp=True``): every transformer block
+  of the frozen backbone (mmdet / mmseg ``SwinBlock``, timm's Swin and ViT /
+  DeiT blocks) runs under non-reentrant :func:`torch.utils.checkpoint`
   (:func:`checkpointed_blocks`), so only the block inputs are kept between
   forward and backward and each block is recomputed during backward.  Not
   mmdet's / mmseg's own ``with_cp`` (reentrant: the tensors the recorders
@@ -83,6 +84,9 @@ __all__ = ['PixelSynthesizer', 'SynthPass', 'SynthState', 'MicroBatch',
 
 
 def _swin_block_types() -> Tuple[type, ...]:
+    """The transformer block classes :func:`checkpointed_blocks` wraps:
+    mmdet's / mmseg's ``SwinBlock``, timm's Swin ``SwinTransformerBlock``
+    and timm's ViT / DeiT ``Block`` (those importable)."""
     types = []
     for pkg in ('mmdet', 'mmseg'):
         try:
@@ -90,55 +94,74 @@ def _swin_block_types() -> Tuple[type, ...]:
             types.append(swin.SwinBlock)
         except Exception:  # pragma: no cover - package missing
             pass
+    for mod, name in (('timm.models.swin_transformer',
+                       'SwinTransformerBlock'),
+                      ('timm.models.vision_transformer', 'Block')):
+        try:
+            types.append(getattr(importlib.import_module(mod), name))
+        except Exception:  # pragma: no cover - timm missing
+            pass
     return tuple(types)
 
 
 def find_swin_blocks(backbone: nn.Module) -> List[nn.Module]:
-    """The ``SwinBlock`` modules (mmdet's / mmseg's) of ``backbone``, in
-    forward order."""
+    """The transformer blocks of ``backbone`` in forward order: mmdet's /
+    mmseg's ``SwinBlock`` (``forward(x, hw_shape)``), timm's Swin
+    ``SwinTransformerBlock`` (``forward(x)``, ``x`` ``(B, H, W, C)``) and
+    timm's ViT / DeiT ``Block`` (``forward(x, ...)``, ``x`` ``(B, N, C)``).
+    A block nested in another one is not listed (the outer one is
+    checkpointed as a whole)."""
     types = _swin_block_types()
-    return [m for m in backbone.modules()
-            if (isinstance(m, types) if types
-                else type(m).__name__ == 'SwinBlock')]
+    found = []
+    for m in backbone.modules():
+        if isinstance(m, types) if types else \
+                type(m).__name__ == 'SwinBlock':
+            found.append(m)
+    inner = {id(c) for b in found for c in b.modules() if c is not b}
+    return [b for b in found if id(b) not in inner]
 
 
 @contextlib.contextmanager
 def checkpointed_blocks(backbone: nn.Module, enabled: bool = True):
-    """Run every Swin block of ``backbone`` under non-reentrant activation
-    checkpointing inside (nothing when not ``enabled``).
+    """Run every transformer block of ``backbone`` (:func:`find_swin_blocks`:
+    mmdet / mmseg Swin, timm Swin, timm ViT / DeiT) under non-reentrant
+    activation checkpointing inside (nothing when not ``enabled``).
 
     A block's forward is replaced (on the instance) by
-    ``checkpoint(forward, x, hw_shape, use_reentrant=False)`` when grad is
-    enabled and ``x`` requires it (as mmdet's ``with_cp`` does), else left
-    as it is; the originals are restored on exit.  Only the block inputs
-    are kept between forward and backward; a block is recomputed when its
-    backward runs, hooks included (a recorder then needs ``keep = False``,
-    see :class:`~dfq_dense.synth.hooks.SwinAttnRecorder`).  The
-    non-reentrant variant keeps the graph of tensors taken inside the block
-    (the recorders'), which mmdet's reentrant ``with_cp`` would make under
+    ``checkpoint(forward, x, *args, use_reentrant=False, **kwargs)`` (its
+    own arguments passed on: ``hw_shape`` for mmdet's, none or timm's
+    ``attn_mask`` for timm's) when grad is enabled and ``x`` requires it
+    (as mmdet's ``with_cp`` does), else left as it is; the originals are
+    restored on exit.  Only the block inputs are kept between forward and
+    backward; a block is recomputed when its backward runs, hooks included
+    (a recorder then needs ``keep = False``, see
+    :class:`~dfq_dense.synth.hooks.SwinAttnRecorder`).  The non-reentrant
+    variant keeps the graph of tensors taken inside the block (the
+    recorders'), which mmdet's reentrant ``with_cp`` would make under
     ``no_grad``; the RNG state is not stashed (the frozen backbone is in
     eval mode: no dropout, no drop path).
 
     Raises:
-        ValueError: ``enabled`` and ``backbone`` has no ``SwinBlock``.
+        ValueError: ``enabled`` and ``backbone`` has no such block.
     """
     if not enabled:
         yield []
         return
     blocks = find_swin_blocks(backbone)
     if not blocks:
-        raise ValueError(f'with_cp: no SwinBlock in '
-                         f'{type(backbone).__name__} to checkpoint')
+        raise ValueError(f'with_cp: no SwinBlock (mmdet / mmseg) or timm '
+                         f'Swin / ViT block in {type(backbone).__name__} to '
+                         'checkpoint')
     saved = []
     for blk in blocks:
         saved.append(blk.__dict__.get('forward'))
         inner = blk.forward
 
-        def forward(x, hw_shape, _inner=inner):
+        def forward(x, *args, _inner=inner, **kwargs):
             if torch.is_grad_enabled() and x.requires_grad:
-                return checkpoint(_inner, x, hw_shape, use_reentrant=False,
-                                  preserve_rng_state=False)
-            return _inner(x, hw_shape)
+                return checkpoint(_inner, x, *args, use_reentrant=False,
+                                  preserve_rng_state=False, **kwargs)
+            return _inner(x, *args, **kwargs)
 
         blk.forward = forward
     try:
@@ -224,8 +247,9 @@ class PixelSynthesizer(BaseSynthesizer):
             differences of a backbone run at another batch size (none on
             CPU), for every method: the terms that couple the images of a
             batch are computed for the whole batch.
-        with_cp: activation checkpointing of the frozen backbone's Swin
-            blocks (:func:`checkpointed_blocks`); the same images.
+        with_cp: activation checkpointing of the frozen backbone's
+            transformer blocks (:func:`checkpointed_blocks`: mmdet / mmseg
+            Swin, timm Swin, timm ViT / DeiT); the same images.
     """
 
     def __init__(self, *args, micro_batch_size: Optional[int] = None,
