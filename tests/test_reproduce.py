@@ -79,6 +79,34 @@ def test_each_psaq_vit_imagenet_row_has_the_official_recipe(entry):
     assert cfg.test_dataloader.dataset.model_name == cfg.model.model_name
 
 
+def test_psaq_vit_v2_imagenet_row_config():
+    entry = next(e for e in QUANTIZED
+                 if e['id'] == 'psaq-vit-v2_imagenet_swin-s_w8a8')
+    cfg = load_config(osp.join(REPO, reproduce.config_of(entry)))
+    assert cfg.model.model_name.split('.')[0] == TIMM['Swin-S']
+    assert cfg.official_checkpoint == entry['checkpoint']['url']
+    assert (cfg.dfq.quantizer.w_bits, cfg.dfq.quantizer.a_bits) == (8, 8)
+    s, a = cfg.dfq.synthesizer, cfg.dfq.adapter
+    # no category guidance: no label loss on the start images; the rounds
+    # compare the class probabilities (measure None -> KL on logits)
+    assert s.type == 'PSAQViTV2' and s.get('label_head') is None
+    assert a.type == 'PSAQViTV2Rounds' and a.measure is None
+    from dfq_dense.adapt import resolve_outputs
+    assert resolve_outputs('PSAQViTV2Rounds', 'auto', a.measure,
+                           _tiny_timm_swin()) == ('classifier', 'kl')
+
+
+def _tiny_timm_swin():
+    import torch.nn as nn
+    import timm
+    m = nn.Module()
+    m.backbone = timm.create_model(
+        'swin_tiny_patch4_window7_224', pretrained=False, num_classes=5,
+        img_size=32, embed_dim=8, depths=(1, 1), num_heads=(1, 2),
+        window_size=4)
+    return m
+
+
 def test_readme_guide_matches_the_registry_and_the_flop_counts():
     with open(osp.join(REPO, 'README.md')) as f:
         text = f.read()
@@ -87,9 +115,11 @@ def test_readme_guide_matches_the_registry_and_the_flop_counts():
     block = text[start:text.index('\n<!-- reproduce-guide:end -->')]
     rows = reproduce.guide_rows()
     assert block == reproduce.markdown(rows)
-    # every dense row has its config and estimate; the classification rows
-    # have no FLOP count (no estimate), and the table says so
+    # every row has its config; every dense row its estimate; the
+    # classification rows have no FLOP count (no estimate), and the table
+    # says so
     for r in rows:
+        assert r['config'] is not None, r['id']
         if r['task'] == 'classification':
             assert r['estimate'] is None, r['id']
         else:

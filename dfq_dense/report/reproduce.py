@@ -50,6 +50,15 @@ def _figure(entry):
     return text
 
 
+def _what(entry):
+    """``Mask R-CNN Swin-T W4A4``; ``Swin-S classifier W8A8`` (the model
+    already names its backbone)."""
+    model, backbone = entry['model'], entry['backbone']
+    if not model.startswith(backbone):
+        model = f'{model} {backbone}'
+    return f'{model} {entry["bits"]}'
+
+
 def guide_rows(entries=None, flops=None, tflops=TFLOPS):
     entries = load_published() if entries is None else entries
     if flops is None:
@@ -62,7 +71,7 @@ def guide_rows(entries=None, flops=None, tflops=TFLOPS):
         config = config_of(e)
         model = MODELS.get((e['model'], e['backbone']))
         row = dict(id=e['id'], method=e['method'], task=e['task'],
-                   what=f'{e["model"]} {e["backbone"]} {e["bits"]}',
+                   what=_what(e),
                    figure=_figure(e), checkpoint=e['checkpoint']['file'],
                    config=config, model=model, estimate=None)
         if config is not None and flops is not None and model is not None:
@@ -92,8 +101,7 @@ def markdown(rows, tflops=TFLOPS):
         if r['config'] is None:
             table.append([f'`{r["id"]}`', r['method'], r['what'],
                           r['figure'], f'`{r["checkpoint"]}`',
-                          'not yet: the classification track (configs/cls/)'
-                          ' has no config for this row yet', '-', '-'])
+                          'no config yet', '-', '-'])
             continue
         est = r['estimate']
         extra = _not_counted(r['schedule']) if est else ''

@@ -30,7 +30,10 @@ dfq_adapter = dict(
     # discrepancy falls during the sample step)
     balance='grad_norm',
     sample_shares=dict(entropy=1.0, discrepancy=1.0, tv=1.0),
-    measure='mse',  # or 'kl' on softened channel distributions
+    # None: 'mse' on the backbone's feature maps (detectors, segmentors),
+    # 'kl' on a classifier's logits (the classification track); 'kl' on
+    # feature maps compares softened channel distributions
+    measure=None,
     include_neck=False,
     components=dict(entropy=True, discrepancy=True, student_step=True,
                     tv=True),
