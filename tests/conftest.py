@@ -18,6 +18,9 @@ def repo_root():
 
 @pytest.fixture(scope='session')
 def demo_data_root(tmp_path_factory):
-    """The full demo dataset (shared with the tools: data/dfq_demo)."""
-    from dfq_dense.demo import generate_demo_dataset
-    return generate_demo_dataset(os.path.join(REPO, 'data', 'dfq_demo'))
+    """The full demo dataset (shared with the tools: data/dfq_demo), with
+    the demo classifier's object crops (``data/dfq_demo/cls``)."""
+    from dfq_dense.demo import generate_demo_crops, generate_demo_dataset
+    root = generate_demo_dataset(os.path.join(REPO, 'data', 'dfq_demo'))
+    generate_demo_crops(root)
+    return root

@@ -49,28 +49,60 @@ def _runs(folder, names):
     return out
 
 
+def test_readme_demo_fp_tables_match_the_manifest():
+    """The FP figures of the shipped demo checkpoints in the README are
+    the manifest's (which tests/test_fp_eval.py reproduces)."""
+    from dfq_dense.demo import DEMO_MODELS, load_manifest
+    manifest = load_manifest()
+    with open(osp.join(REPO, 'README.md')) as f:
+        lines = f.read().splitlines()
+    # (name, [(column index after the model's, manifest key, decimals)])
+    columns = {
+        'mask_rcnn_swin_demo': [(2, 'coco/bbox_mAP', 3),
+                                (3, 'coco/segm_mAP', 3)],
+        'upernet_swin_demo': [(4, 'mIoU', 2)],
+        'swin_cls_demo': [(2, 'imagenet/top1', 2), (3, 'imagenet/top5', 2)],
+    }
+    assert set(columns) == set(DEMO_MODELS)
+    for name, cols in columns.items():
+        rows = [line for line in lines
+                if line.startswith('|') and f'`{name}.pth`' in line]
+        assert len(rows) == 1, name
+        cells = [c.strip() for c in rows[0].strip('|').split('|')]
+        for col, key, decimals in cols:
+            value = manifest[name]['fp_metrics'][key]
+            assert cells[col] == f'{value:.{decimals}f}', (name, key)
+
+
 def test_readme_main_job_table_matches_the_committed_runs():
     import run_demo
-    runs = _runs('main_job', ['mask_rcnn_swin_demo_w8a8',
-                              'upernet_swin_demo_w8a8'])
+    runs = _runs('main_job', [f'{m}_w8a8' for m in run_demo.MODELS])
     assert _block('main-job') == run_demo.markdown(runs)
     for res in runs:  # what makes the figures reproducible is recorded
         assert len(res['checkpoint']['sha256']) == 64
         assert res['seed'] == 0 and res['threads'] >= 1
-        assert {'torch', 'mmdet', 'mmseg', 'dfq_dense'} <= set(
-            res['versions'])
+        assert {'torch', 'timm', 'dfq_dense'} <= set(res['versions'])
+        if res['task'] != 'cls':
+            assert {'mmdet', 'mmseg'} <= set(res['versions'])
         assert res['quantization']['total']['disabled'] == 0
 
 
 def test_readme_w4a8_table_matches_the_committed_runs():
     import run_demo
-    psaq = _runs('w4a8', ['mask_rcnn_swin_demo_w4a8', 'upernet_swin_demo_w4a8'])
-    noise = _runs('w4a8', ['mask_rcnn_swin_demo_w4a8_noise',
-                           'upernet_swin_demo_w4a8_noise'])
-    assert [r['method'] for r in psaq + noise] == ['PSAQViT'] * 2 + [
-        'GaussianNoise'] * 2
+    psaq = _runs('w4a8', [f'{m}_w4a8' for m in run_demo.MODELS])
+    noise = _runs('w4a8', [f'{m}_w4a8_noise' for m in run_demo.MODELS])
+    assert [r['method'] for r in psaq + noise] == ['PSAQViT'] * 3 + [
+        'GaussianNoise'] * 3
+    cross = _runs('w4a8', [f'{m}_w4a8_cls_images' for m in run_demo.MODELS
+                           if m != run_demo.CLASSIFIER])
+    for res in cross:  # the classifier's images, stretched to 192x192
+        src = res['images_source']
+        assert src['task'] == 'cls' and src['cross_task']
+        assert src['size'] == [56, 56] and src['resized_to'] == [192, 192]
+        assert res['method'] == 'PSAQViT'
     assert _block('w4a8') == run_demo.comparison_markdown(
-        psaq, noise, ('W4A8 PSAQ-ViT', 'W4A8 Gaussian noise'))
+        [psaq, noise, cross], ('W4A8 PSAQ-ViT', 'W4A8 Gaussian noise',
+                               'W4A8 classifier\'s PSAQ-ViT images'))
 
 
 @pytest.mark.parametrize('block,name', [

@@ -12,7 +12,8 @@ from dfq_dense.utils.checkpoint import safe_torch_load
 
 
 @pytest.mark.parametrize('task,name', [('det', 'mask_rcnn_swin_demo'),
-                                       ('seg', 'upernet_swin_demo')])
+                                       ('seg', 'upernet_swin_demo'),
+                                       ('cls', 'swin_cls_demo')])
 def test_quick_training_runs_and_exports(tmp_path, repo_root, task, name):
     work = tmp_path / task
     proc = subprocess.run(
@@ -32,5 +33,10 @@ def test_quick_training_runs_and_exports(tmp_path, repo_root, task, name):
     assert ckpt['meta']['iters'] == 3
     # The exported weights were evaluated through Runner.test.
     summary = json.loads(proc.stdout[proc.stdout.rindex('{\n  "checkpoint"'):])
-    key = 'coco/bbox_mAP' if task == 'det' else 'mIoU'
+    key = dict(det='coco/bbox_mAP', seg='mIoU', cls='imagenet/top1')[task]
     assert key in summary['metrics']
+    if task == 'cls':
+        # timm's own state dict (no "backbone." of the mmengine wrapper):
+        # what TimmClassifier loads, strictly, like any timm weights file.
+        assert 'head.fc.weight' in ckpt['state_dict']
+        assert not any(k.startswith('backbone.') for k in ckpt['state_dict'])

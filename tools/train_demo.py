@@ -2,11 +2,13 @@
 
     python tools/train_demo.py det            # Mask R-CNN, full schedule
     python tools/train_demo.py seg            # UperNet, full schedule
+    python tools/train_demo.py cls            # timm Swin classifier
     python tools/train_demo.py det --quick    # a few iterations on 8 images
 
 The full run exports the weights (fp16, weights only) to
 ``dfq_dense/demo/checkpoints/<name>.pth``, evaluates them in full precision
-through Runner.test and records sha256, command and metrics in
+through Runner.test (the classifier: through its own weights loading, as
+tools/dfq_test.py loads it) and records sha256, command and metrics in
 ``dfq_dense/demo/checkpoints/manifest.json``.
 """
 import argparse
@@ -26,7 +28,7 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('task', choices=['det', 'seg'])
+    parser.add_argument('task', choices=['det', 'seg', 'cls'])
     parser.add_argument('--iters', type=int, help='override max_iters')
     parser.add_argument('--work-dir', help='training work dir')
     parser.add_argument('--quick', action='store_true',
@@ -46,10 +48,18 @@ def parse_args():
     return parser.parse_args()
 
 
-def export_weights(src, dst, meta):
-    """Weights-only fp16 copy of an mmengine checkpoint, written atomically."""
+def export_weights(src, dst, meta, prefix=None):
+    """Weights-only fp16 copy of an mmengine checkpoint, written atomically.
+
+    ``prefix`` (``'backbone.'`` for the classifier): keep only the keys under
+    it, without it, i.e. the timm model's own state dict, which
+    ``TimmClassifier`` loads like any timm weights file.
+    """
     from dfq_dense.utils.checkpoint import safe_torch_load
     state = safe_torch_load(src)['state_dict']
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items()
+                 if k.startswith(prefix)}
     state = {k: v.half() if v.is_floating_point() else v
              for k, v in state.items()}
     os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
@@ -81,11 +91,19 @@ def main():
     cfg = load_config(config, args.cfg_options)
     cfg.work_dir = args.work_dir or osp.join(ROOT, 'work_dirs', 'train_' + name)
     cfg.randomness = dict(seed=0)
+    if args.task == 'cls':
+        # Trained from timm's own init; the weights file is what this
+        # script writes.
+        cfg.model.pretrained = False
+        cfg.model.checkpoint = None
     iters = args.iters
     if args.quick:
         iters = iters or 3
+        # The classifier's val folder needs every class: the first 8 val
+        # scenes hold all eight (the scenes are a function of the seed).
         set_demo_data_root(cfg, osp.join(cfg.work_dir, 'data'),
-                           splits=dict(train=8, val=4))
+                           splits=dict(train=8,
+                                       val=8 if args.task == 'cls' else 4))
         cfg.default_hooks.logger.interval = 1
     if iters:
         cfg.train_cfg.max_iters = iters
@@ -122,7 +140,7 @@ def main():
                        else demo_checkpoint(name))
     export_weights(last, out, meta=dict(
         config=DEMO_MODELS[name][1], iters=cfg.train_cfg.max_iters,
-        command=command))
+        command=command), prefix='backbone.' if args.task == 'cls' else None)
 
     test_runner = build_test_runner(cfg, checkpoint=out,
                                     work_dir=osp.join(cfg.work_dir, 'fp_test'))

@@ -87,6 +87,13 @@ class ImageNetValDataset(BaseDataset):
             as given to the classifier.
         data_config: overrides of timm's data config (``resolve_data_config``
             ``args``, e.g. ``dict(input_size=(3, 112, 112), crop_pct=1.0)``).
+        train_transform: None (default): timm's eval transform, the
+            evaluation this class is for.  A dict: timm's *training*
+            transform instead, ``create_transform(**data_config,
+            is_training=True, normalize=False, **train_transform)`` (e.g.
+            ``dict(scale=(0.6, 1.0), hflip=0.5, color_jitter=0.2)``), for
+            training a classifier on a class-folder tree of one's own (the
+            demo classifier).
         num_classes: how many class folders there must be.  Labels are
             folder positions, so a tree with another number of classes (a
             subset of ImageNet) would silently mislabel images for a
@@ -109,6 +116,7 @@ class ImageNetValDataset(BaseDataset):
                  model_name='swin_tiny_patch4_window7_224',
                  model_kwargs=None,
                  data_config=None,
+                 train_transform=None,
                  num_classes=1000,
                  test_mode=True,
                  **kwargs):
@@ -129,8 +137,13 @@ class ImageNetValDataset(BaseDataset):
         self.model_name = model_name
         self.data_config = timm_data_config(model, data_config)
         # normalize=False: uint8 out; the data preprocessor normalises.
-        self.transform = create_transform(
-            **self.data_config, is_training=False, normalize=False)
+        if train_transform is None:
+            self.transform = create_transform(
+                **self.data_config, is_training=False, normalize=False)
+        else:
+            self.transform = create_transform(
+                **self.data_config, is_training=True, normalize=False,
+                **dict(train_transform))
         self.num_classes = num_classes
         self._extensions = get_img_extensions(as_set=True)
         super().__init__(

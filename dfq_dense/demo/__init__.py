@@ -3,6 +3,7 @@ import hashlib
 import json
 import os.path as osp
 
+from .crops import generate_demo_crops
 from .dataset import (DEFAULT_SEED, DEFAULT_SIZE, SEG_CLASSES, THING_CLASSES,
                       demo_metainfo, generate_demo_dataset, render_scene)
 
@@ -12,6 +13,7 @@ MANIFEST = osp.join(CHECKPOINT_DIR, 'manifest.json')
 DEMO_MODELS = {
     'mask_rcnn_swin_demo': ('det', 'configs/demo/mask_rcnn_swin_demo.py'),
     'upernet_swin_demo': ('seg', 'configs/demo/upernet_swin_demo.py'),
+    'swin_cls_demo': ('cls', 'configs/demo/swin_cls_demo.py'),
 }
 
 
@@ -81,15 +83,19 @@ def set_demo_data_root(cfg, root, splits=None):
     """Point every dataloader and evaluator of a demo config at ``root``.
 
     ``splits`` (e.g. ``dict(train=8, val=4)``) shrinks the generated dataset,
-    which the quick training mode and the tests use.
+    which the quick training mode and the tests use.  A classification demo
+    config (``demo_dataset.crops``) reads the crops' class folders,
+    ``<root>/cls/train`` and ``<root>/cls/val``.
     """
     root = root.rstrip('/')
     cfg.demo_dataset.root = root
     if splits is not None:
         cfg.demo_dataset.splits = splits
+    crops = cfg.demo_dataset.get('crops')
     for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         if cfg.get(key) is not None:
-            cfg[key].dataset.data_root = root
+            cfg[key].dataset.data_root = root if not crops else osp.join(
+                root, 'cls', 'train' if key == 'train_dataloader' else 'val')
     for key in ('val_evaluator', 'test_evaluator'):
         ev = cfg.get(key)
         if isinstance(ev, dict) and 'ann_file' in ev:
@@ -99,23 +105,29 @@ def set_demo_data_root(cfg, root, splits=None):
 
 
 def ensure_demo_data(cfg):
-    """Generate the demo dataset a config asks for (``demo_dataset``).
+    """Generate the demo dataset a config asks for (``demo_dataset``), and
+    its object crops when it asks for them (``demo_dataset.crops``: the
+    keyword arguments of :func:`~dfq_dense.demo.crops.generate_demo_crops`,
+    the classification demo).
 
     A no-op for configs without ``demo_dataset`` and when an identical dataset
-    already exists.
+    (and identical crops) already exist.
     """
     spec = cfg.get('demo_dataset')
     if not spec:
         return None
-    return generate_demo_dataset(
+    root = generate_demo_dataset(
         spec['root'], seed=spec.get('seed', DEFAULT_SEED),
         size=spec.get('size', DEFAULT_SIZE), splits=spec.get('splits'))
+    if spec.get('crops') is not None:
+        generate_demo_crops(root, **dict(spec['crops']))
+    return root
 
 
 __all__ = [
     'CHECKPOINT_DIR', 'DEMO_MODELS', 'SEG_CLASSES', 'THING_CLASSES',
     'DemoCheckpointError', 'demo_checkpoint', 'manifest_entry',
     'verify_demo_checkpoint', 'demo_metainfo', 'ensure_demo_data',
-    'generate_demo_dataset', 'load_manifest', 'render_scene',
+    'generate_demo_crops', 'generate_demo_dataset', 'load_manifest', 'render_scene',
     'set_demo_data_root', 'sha256sum'
 ]

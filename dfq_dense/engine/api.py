@@ -14,12 +14,15 @@ def versions():
     import mmdet
     import mmengine
     import mmseg
+    import timm
     import torch
 
     from .. import __version__ as dfq_dense_version
+    # timm: the classification track's models and eval transforms
     return dict(torch=torch.__version__, mmcv=mmcv.__version__,
                 mmengine=mmengine.__version__, mmdet=mmdet.__version__,
-                mmseg=mmseg.__version__, dfq_dense=dfq_dense_version,
+                mmseg=mmseg.__version__, timm=timm.__version__,
+                dfq_dense=dfq_dense_version,
                 python=platform.python_version())
 
 

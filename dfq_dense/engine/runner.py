@@ -482,10 +482,19 @@ def resolve_load_images(path, with_saved=False):
 
 
 def build_test_runner(cfg, checkpoint=None, work_dir=None, launcher='none'):
-    """A Runner ready for ``.test()`` on ``cfg`` with weights ``checkpoint``."""
+    """A Runner ready for ``.test()`` on ``cfg`` with weights ``checkpoint``.
+
+    A classification config's timm model loads its weights itself (strictly,
+    timm's layout, :class:`~dfq_dense.cls.TimmClassifier`): ``checkpoint``
+    becomes ``model.checkpoint`` there, not the Runner's ``load_from``.
+    """
     cfg = cfg.copy()
     cfg.launcher = launcher
-    if checkpoint is not None:
+    if checkpoint is not None and task_of(cfg) == 'cls':
+        cfg.model.pretrained = True
+        cfg.model.checkpoint = checkpoint
+        cfg.load_from = None
+    elif checkpoint is not None:
         cfg.load_from = checkpoint
     if work_dir is not None:
         cfg.work_dir = work_dir
