@@ -23,6 +23,8 @@ import pytest
 import torch
 
 import timm  # noqa: E402  (a runtime dependency: no skip)
+from tiny_models import (TIMM_DEIT, TIMM_SWIN, TINY_TIMM_DEIT,
+                         TINY_TIMM_SWIN)  # noqa: E402
 
 from dfq_dense.cls import TimmClassifier  # noqa: E402
 from dfq_dense.quant import (enable_calibration,  # noqa: E402
@@ -33,13 +35,8 @@ from dfq_dense.synth.loop import (checkpointed_blocks,  # noqa: E402
                                   find_swin_blocks)
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-SWIN = 'swin_tiny_patch4_window7_224'
-DEIT = 'deit_tiny_patch16_224'
-# 8x8 tokens, 4x4 windows: stage 1 has a shifted block (shift 2).
-TINY_SWIN = dict(embed_dim=16, depths=(2, 1), num_heads=(2, 2),
-                 window_size=4, img_size=32)
-TINY_DEIT = dict(embed_dim=32, depth=2, num_heads=2, img_size=32,
-                 patch_size=8)
+SWIN, DEIT, TINY_SWIN, TINY_DEIT = (TIMM_SWIN, TIMM_DEIT, TINY_TIMM_SWIN,
+                                    TINY_TIMM_DEIT)
 K = 3  # classes
 ARCHS = {'swin': (SWIN, TINY_SWIN, 3), 'deit': (DEIT, TINY_DEIT, 2)}
 

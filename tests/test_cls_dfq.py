@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-import timm  # noqa: E402  (a runtime dependency: no skip)
+from tiny_models import (TIMM_DEIT, TIMM_SWIN, TINY_TIMM_DEIT,
+                         TINY_TIMM_SWIN, tiny_timm)  # noqa: E402
 
 from dfq_dense.quant import (QuantTimmAttention,  # noqa: E402
                              QuantTimmWindowAttention, enable_calibration,
@@ -25,25 +26,16 @@ from dfq_dense.synth.losses import (patch_tokens,  # noqa: E402
                                     window_similarity)
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-SWIN = 'swin_tiny_patch4_window7_224'
-DEIT = 'deit_tiny_patch16_224'
-# 8x8 tokens, 4x4 windows: stage 1 has a shifted block (shift 2).
-TINY_SWIN = dict(embed_dim=16, depths=(2, 1), num_heads=(2, 2),
-                 window_size=4, img_size=32)
-TINY_DEIT = dict(embed_dim=32, depth=2, num_heads=2, img_size=32,
-                 patch_size=8)
+SWIN, DEIT, TINY_SWIN, TINY_DEIT = (TIMM_SWIN, TIMM_DEIT, TINY_TIMM_SWIN,
+                                    TINY_TIMM_DEIT)
 
 
 def _swin(seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model(SWIN, pretrained=False, num_classes=3,
-                             **TINY_SWIN).eval()
+    return tiny_timm(SWIN, seed=seed, **TINY_SWIN)
 
 
 def _deit(seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model(DEIT, pretrained=False, num_classes=3,
-                             **TINY_DEIT).eval()
+    return tiny_timm(DEIT, seed=seed, **TINY_DEIT)
 
 
 def _inputs_of(module, model, x):

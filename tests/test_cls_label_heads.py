@@ -13,27 +13,15 @@ import os.path as osp
 import pytest
 import torch
 
-import timm  # noqa: E402  (a runtime dependency: no skip)
+from tiny_models import (TIMM_SWIN, TINY_TIMM_SWIN, Wrap, tiny_timm)  # noqa: E402
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-SWIN = 'swin_tiny_patch4_window7_224'
-TINY_SWIN = dict(embed_dim=16, depths=(2, 1), num_heads=(2, 2),
-                 window_size=4, img_size=32)
+SWIN, TINY_SWIN = TIMM_SWIN, TINY_TIMM_SWIN
 K = 3  # classes of the tiny classifier
 
 
-class Wrap(torch.nn.Module):
-    """What the synthesizers see of a TimmClassifier: ``.backbone``."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.backbone = net
-
-
 def _model(seed=0):
-    torch.manual_seed(seed)
-    return Wrap(timm.create_model(SWIN, pretrained=False, num_classes=K,
-                                  **TINY_SWIN).eval())
+    return Wrap(tiny_timm(SWIN, num_classes=K, seed=seed, **TINY_SWIN))
 
 
 def _record_terms(synth):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import timm  # noqa: E402  (a runtime dependency: no skip)
+from tiny_models import (TIMM_DEIT, Wrap, tiny_timm)  # noqa: E402
 
 from dfq_dense.synth.loop import SynthState  # noqa: E402
 from dfq_dense.synth.spdfq import (SPDFQ, AttnProbRecorder,  # noqa: E402
@@ -29,19 +30,8 @@ TINY_DEIT = dict(embed_dim=32, depth=4, num_heads=2, img_size=32,
                  patch_size=8)
 
 
-class Wrap(torch.nn.Module):
-    """What the synthesizers see of a TimmClassifier: ``.backbone``."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.backbone = net
-
-
-def _deit(seed=0, name='deit_tiny_patch16_224', **kw):
-    torch.manual_seed(seed)
-    args = dict(TINY_DEIT, **kw)
-    return timm.create_model(name, pretrained=False, num_classes=K,
-                             **args).eval()
+def _deit(seed=0, name=TIMM_DEIT, **kw):
+    return tiny_timm(name, num_classes=K, seed=seed, **dict(TINY_DEIT, **kw))
 
 
 def _priors(model, grid, seed=0):

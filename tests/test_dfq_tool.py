@@ -69,9 +69,13 @@ def test_real_config_builds(path):
 def test_demo_dfq_configs_parse(path):
     cfg = load_config(path)
     dfq = parse_dfq_config(cfg.dfq)
-    expected = 'GaussianNoise' if path.endswith('_noise.py') else 'PSAQViT'
+    expected = {'_noise.py': 'GaussianNoise', '_real.py': 'RealImages'}.get(
+        path[path.rfind('_'):], 'PSAQViT')
     assert dfq.synthesizer.type == expected
-    assert cfg.load_from.startswith('dfq_dense/demo/checkpoints/')
+    # the demo classifier loads its weights itself (timm's layout)
+    weights = cfg.model.checkpoint if 'cls' in osp.basename(path) else \
+        cfg.load_from
+    assert weights.startswith('dfq_dense/demo/checkpoints/')
     assert cfg.test_cfg.type == 'dfq_dense.DFQTestLoop'
 
 

@@ -26,3 +26,38 @@ class TinyModel(torch.nn.Module):
                             num_outs=2)
         self.data_preprocessor = DetDataPreprocessor(
             mean=MEAN, std=STD, bgr_to_rgb=True)
+
+
+# -------------------------------------------------------------- timm models
+# The classification track's tests share these tiny timm classifiers.
+TIMM_SWIN = 'swin_tiny_patch4_window7_224'
+TIMM_DEIT = 'deit_tiny_patch16_224'
+#: 32x32 input: 8x8 tokens, 4x4 windows; stage 1 has a shifted block
+#: (shift 2).
+TINY_TIMM_SWIN = dict(embed_dim=16, depths=(2, 1), num_heads=(2, 2),
+                      window_size=4, img_size=32)
+#: 32x32 input, 8 px patches: a 4x4 patch grid behind the CLS token.
+TINY_TIMM_DEIT = dict(embed_dim=32, depth=2, num_heads=2, img_size=32,
+                      patch_size=8)
+
+
+def tiny_timm(name, num_classes=3, seed=0, **kwargs):
+    """``timm.create_model(name, pretrained=False, ...)`` with the weights
+    of ``seed``, in eval mode."""
+    import timm
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes,
+                             **kwargs).eval()
+
+
+class Wrap(torch.nn.Module):
+    """What the synthesizers and quantizers see of a TimmClassifier: the
+    timm model at ``.backbone`` (so module names are the pipeline's,
+    ``backbone.layers.0...``)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.backbone = net
+
+    def forward(self, x):
+        return self.backbone(x)

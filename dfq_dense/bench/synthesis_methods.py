@@ -746,7 +746,10 @@ class PSAQV2SampleIteration(PSAQIteration):
             from ..adapt.losses import feature_discrepancy
         except ImportError:  # the layout before dfq_dense.adapt
             from ..synth import feature_discrepancy
-        return -feature_discrepancy(t_feats, s_feats, self.s['measure'],
+        # measure None (the fragment's): the adapter's choice on the dense
+        # models' feature maps, 'mse' (adapt.student_step.resolve_outputs)
+        return -feature_discrepancy(t_feats, s_feats,
+                                    self.s['measure'] or 'mse',
                                     self.s['tau'])
 
     def combine(self, grads: Dict[str, torch.Tensor]) -> torch.Tensor:

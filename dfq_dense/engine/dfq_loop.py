@@ -109,10 +109,10 @@ def is_classifier_cfg(cfg):
         model_type.split('.')[-1] == 'TimmClassifier'
 
 
-def classifier_input_size(cfg):
-    """(H, W) of a timm classifier's eval transform (its data config's
-    ``input_size``, 224x224 for the shipped models): the size it is tested
-    at and the images are synthesized at."""
+def classifier_data_config(cfg):
+    """timm's resolved eval data config of a classifier config's model
+    (input size, interpolation, crop pct and mode, mean, std), built on the
+    meta device only to read its ``pretrained_cfg``."""
     from ..cls.timm_utils import create_timm_model, timm_data_config
     model = cfg.model
     try:
@@ -122,7 +122,14 @@ def classifier_input_size(cfg):
     except (RuntimeError, NotImplementedError):
         net = create_timm_model(model['model_name'],
                                 model_kwargs=model.get('model_kwargs'))
-    data = timm_data_config(net, model.get('data_config'))
+    return timm_data_config(net, model.get('data_config'))
+
+
+def classifier_input_size(cfg):
+    """(H, W) of a timm classifier's eval transform (its data config's
+    ``input_size``, 224x224 for the shipped models): the size it is tested
+    at and the images are synthesized at."""
+    data = classifier_data_config(cfg)
     return tuple(int(v) for v in data['input_size'][1:])
 
 
@@ -156,6 +163,26 @@ def train_image_folder(cfg):
     prefix = dataset.get('data_prefix', {})
     img = prefix.get('img', prefix.get('img_path', ''))
     return osp.join(dataset.get('data_root', ''), img)
+
+
+def complete_real_images(cfg, synth):
+    """Fill in a ``RealImages`` synthesizer config (in place; other types
+    are returned as they are): ``data_root=None`` takes the config's
+    training images (:func:`train_image_folder`), and on a timm classifier
+    without an explicit ``resize`` the images get the classifier's own eval
+    transform (``resize='center_crop'`` with its ``crop_pct``,
+    ``interpolation`` and ``crop_mode``), the view its val images have,
+    instead of the dense models' keep-ratio padding."""
+    if synth['type'].split('.')[-1] != 'RealImages':
+        return synth
+    if synth.get('data_root') is None:
+        synth['data_root'] = train_image_folder(cfg)
+    if is_classifier_cfg(cfg) and synth.get('resize') is None:
+        data = classifier_data_config(cfg)
+        synth.update(resize='center_crop', crop_pct=float(data['crop_pct']),
+                     interpolation=str(data['interpolation']),
+                     crop_mode=str(data.get('crop_mode', 'center')))
+    return synth
 
 
 def calibration_batch(images, preprocessor, task):
@@ -496,10 +523,7 @@ class DFQTestLoop(TestLoop):
         cfg = dict(self.dfq.synthesizer)
         if cfg.get('img_size') is None:
             cfg['img_size'] = infer_test_image_size(self.runner.cfg)
-        if cfg['type'].split('.')[-1] == 'RealImages' and \
-                cfg.get('data_root') is None:
-            cfg['data_root'] = train_image_folder(self.runner.cfg)
-        return cfg
+        return complete_real_images(self.runner.cfg, cfg)
 
     def _get_images(self, model):
         synth_cfg = self.synth_cfg
@@ -644,6 +668,12 @@ class DFQTestLoop(TestLoop):
             self.report['resumed_batches'] = resumed
         images = torch.cat([batches[b] for b in range(synth.num_batches)])
         if rank == 0:
+            if hasattr(synth, 'select_files'):
+                # The real-image baseline: which files it read (relative to
+                # data_root), as RealImages.save records them.
+                files = synth.selected_files or synth.select_files()
+                meta['files'] = [osp.relpath(f, synth.data_root).replace(
+                    os.sep, '/') for f in files]
             save_images(images, mean, std, out_dir, meta=meta)
             shutil.rmtree(batch_dir, ignore_errors=True)
         if is_distributed():

@@ -171,17 +171,18 @@ def check_image_size(model, img_size):
 def synthesizer_cfg(cfg, dfq):
     """The synthesizer config the DFQ loop builds (img_size and the
     real-image folder filled in)."""
-    from .dfq_loop import infer_test_image_size, train_image_folder
+    from .dfq_loop import complete_real_images, infer_test_image_size
     synth = dict(dfq.synthesizer)
     if synth.get('img_size') is None:
         try:
             synth['img_size'] = infer_test_image_size(cfg)
         except ValueError as err:
             raise DFQConfigError(str(err)) from None
-    if synth['type'].split('.')[-1] == 'RealImages' and \
-            synth.get('data_root') is None:
-        synth['data_root'] = train_image_folder(cfg)
-    return synth
+    try:
+        return complete_real_images(cfg, synth)
+    except ValueError as err:  # no training set to take the images from
+        raise DFQConfigError(f'dfq.synthesizer {synth["type"]}: '
+                             f'{err}') from None
 
 
 def check_model_inputs(cfg, dfq, checkpoint, images=None, image_size=None):

@@ -60,13 +60,29 @@ class RealImages(BaseSynthesizer):
       shapes and scales then match what the model sees at test time.
     * ``'stretch'``: plain resize to ``(H, W)`` (every pixel real, aspect
       ratio distorted).
+    * ``'center_crop'``: a timm classifier's eval transform, the one
+      :class:`~dfq_dense.cls.ImageNetValDataset` applies to the val images
+      (``timm.data.create_transform(input_size=(3, H, W), interpolation,
+      crop_pct, crop_mode, is_training=False, normalize=False)`` on the file
+      read with PIL): the short side resized to ``size / crop_pct``, the
+      centre ``(H, W)`` cropped.  A classifier is tested on such crops, not
+      on padded images; the DFQ loop picks this mode, with the model's own
+      ``crop_pct`` / ``interpolation`` / ``crop_mode``, for a
+      :class:`~dfq_dense.cls.TimmClassifier` config that sets no
+      ``resize``.
 
     Args (beyond :class:`BaseSynthesizer`; ``iterations`` is unused):
         data_root: folder of ``.jpg``/``.png`` images (searched recursively).
-        resize: ``'keep_ratio'`` or ``'stretch'``.
+        resize: ``'keep_ratio'``, ``'stretch'`` or ``'center_crop'``.
+        crop_pct, interpolation, crop_mode: timm's eval-transform settings
+            of ``'center_crop'`` (timm's defaults; unused by the other
+            modes).
     """
 
-    RESIZE_MODES = ('keep_ratio', 'stretch')
+    RESIZE_MODES = ('keep_ratio', 'stretch', 'center_crop')
+    INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming',
+                      'lanczos')
+    CROP_MODES = ('center', 'squash', 'border')
 
     def __init__(self,
                  data_root: Optional[str] = None,
@@ -75,6 +91,9 @@ class RealImages(BaseSynthesizer):
                  img_size=None,
                  seed: int = 0,
                  resize: str = 'keep_ratio',
+                 crop_pct: float = 0.875,
+                 interpolation: str = 'bicubic',
+                 crop_mode: str = 'center',
                  iterations: int = 0,
                  log_interval: int = 50,
                  progress: bool = True,
@@ -89,8 +108,23 @@ class RealImages(BaseSynthesizer):
         if resize not in self.RESIZE_MODES:
             raise ValueError(f'RealImages: resize must be one of '
                              f'{self.RESIZE_MODES}, got {resize!r}')
+        if isinstance(crop_pct, bool) or \
+                not isinstance(crop_pct, (int, float)) or \
+                not 0 < crop_pct <= 1:
+            raise ValueError(f'RealImages: crop_pct must be in (0, 1], got '
+                             f'{crop_pct!r}')
+        if interpolation not in self.INTERPOLATIONS:
+            raise ValueError(f'RealImages: interpolation must be one of '
+                             f'{self.INTERPOLATIONS}, got {interpolation!r}')
+        if crop_mode not in self.CROP_MODES:
+            raise ValueError(f'RealImages: crop_mode must be one of '
+                             f'{self.CROP_MODES}, got {crop_mode!r}')
         self.data_root = str(data_root)
         self.resize = resize
+        self.crop_pct = float(crop_pct)
+        self.interpolation = interpolation
+        self.crop_mode = crop_mode
+        self._transform = None  # center_crop: timm's, built once per size
         self.selected_files = None
 
     # ------------------------------------------------------------ selection
@@ -114,6 +148,8 @@ class RealImages(BaseSynthesizer):
     # --------------------------------------------------------------- loading
     def load_image(self, path: str, hw: Tuple[int, int]) -> torch.Tensor:
         """One file -> normalised RGB ``(3, H, W)`` float tensor."""
+        if self.resize == 'center_crop':
+            return self._load_center_crop(path, hw)
         import cv2
         import numpy as np
         H, W = hw
@@ -141,6 +177,27 @@ class RealImages(BaseSynthesizer):
             x = out
         return x
 
+    def _load_center_crop(self, path, hw):
+        """``resize='center_crop'``: timm's eval transform, as the
+        classifier's val images get it, then the model's mean / std."""
+        from PIL import Image
+        from timm.data import create_transform
+        hw = tuple(int(v) for v in hw)
+        if self._transform is None or self._transform[0] != hw:
+            # normalize=False: uint8 RGB (3, H, W), as ImageNetValDataset.
+            self._transform = (hw, create_transform(
+                input_size=(3, ) + hw, interpolation=self.interpolation,
+                crop_pct=self.crop_pct, crop_mode=self.crop_mode,
+                is_training=False, normalize=False))
+        try:
+            with open(path, 'rb') as f:
+                img = Image.open(f).convert('RGB')
+        except OSError as err:
+            raise ValueError(f'RealImages: cannot read image {path!r}: '
+                             f'{err}') from None
+        rgb = self._transform[1](img).float()
+        return (rgb - self.mean) / self.std
+
     def generate(self, model, data_preprocessor_cfg=None, img_size=None):
         """See :meth:`BaseSynthesizer.generate`; fails before any work when
         the folder is missing or holds too few images.  The picked files are
@@ -153,6 +210,10 @@ class RealImages(BaseSynthesizer):
         meta = dict(meta or {})
         meta.setdefault('data_root', self.data_root)
         meta.setdefault('resize', self.resize)
+        if self.resize == 'center_crop':
+            meta.setdefault('crop_pct', self.crop_pct)
+            meta.setdefault('interpolation', self.interpolation)
+            meta.setdefault('crop_mode', self.crop_mode)
         if self.selected_files is not None:
             meta.setdefault('files', [
                 osp.relpath(f, self.data_root).replace(os.sep, '/')
