@@ -18,13 +18,13 @@ import os.path as osp
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import timm  # noqa: E402  (a runtime dependency: no skip)
-from tiny_models import (TIMM_DEIT, TIMM_SWIN, TINY_TIMM_DEIT,
-                         TINY_TIMM_SWIN)  # noqa: E402
+from tiny_models import (TIMM_DEIT, TIMM_SWIN, TINY_TIMM_DEIT,  # noqa: E402
+                         TINY_TIMM_SWIN, tiny_cls_overrides, tiny_timm,
+                         write_class_folders)
 
 from dfq_dense.cls import TimmClassifier  # noqa: E402
 from dfq_dense.quant import (enable_calibration,  # noqa: E402
@@ -616,21 +616,10 @@ def test_block_reconstruction_walks_the_timm_model(arch):
 # --------------------------------------------------------------------------
 # tools/dfq_test.py with each adapter on a timm Swin classifier
 # --------------------------------------------------------------------------
-WNIDS = ['n01440764', 'n01443537', 'n01484850']
-CFG_HEAD = """
-data_config = dict(input_size=(3, 32, 32))
-model = dict(model_name='{swin}', num_classes=3, model_kwargs={kwargs},
-             data_config=data_config)
-test_dataloader = dict(
-    batch_size=3, num_workers=0, persistent_workers=False,
-    dataset=dict(data_root='{val}', model_name='{swin}',
-                 model_kwargs={kwargs}, data_config=data_config,
-                 num_classes=3))
-"""
 ADAPTER_CFGS = {
-    # PSAQ-ViT V2 from the method fragment: no label term (V2 has no
-    # category guidance); the fragment's measure='mse' is the dense
-    # track's, None takes the KL of the class probabilities
+    # PSAQ-ViT V2 from the method fragment as it is (its measure=None: the
+    # KL of the class probabilities on a classifier); no label term (V2
+    # has no category guidance)
     'PSAQViTV2Rounds': """_base_ = [
     '{repo}/configs/cls/_base_/models/swin_tiny_patch4_window7_224.py',
     '{repo}/configs/cls/_base_/dfq_cls_runtime.py',
@@ -641,7 +630,7 @@ ADAPTER_CFGS = {
 dfq = dict(synthesizer=dict(num_images=4, batch_size=2, iterations=2,
                             synth_rounds=1, progress=False),
            adapter=dict(batch_size=2, rounds=1, sample_iters=2,
-                        measure=None, progress=False,
+                        progress=False,
                         student_step=dict(iters=2, batch_size=2)),
            calib_batch_size=2)
 """,
@@ -663,20 +652,12 @@ dfq = dict(synthesizer=dict(num_images=4, batch_size=2, iterations=2,
 
 @pytest.fixture(scope='module')
 def cls_data(tmp_path_factory):
-    from PIL import Image
     root = tmp_path_factory.mktemp('cls_adapt')
     val = root / 'val'
-    rng = np.random.RandomState(0)
-    for i, wnid in enumerate(WNIDS):
-        os.makedirs(val / wnid)
-        for j in range(2):
-            arr = rng.randint(0, 256, (40 + 7 * j, 36 + 5 * i, 3),
-                              dtype=np.uint8)
-            Image.fromarray(arr).save(val / wnid / f'img_{j}.JPEG')
+    write_class_folders(val)
     weights = str(root / 'tiny_swin.pth')
-    torch.manual_seed(1)
-    torch.save(timm.create_model(SWIN, pretrained=False, num_classes=K,
-                                 **TINY_SWIN).state_dict(), weights)
+    torch.save(tiny_timm(SWIN, num_classes=K, seed=1,
+                         **TINY_SWIN).state_dict(), weights)
     return dict(root=root, val=str(val), weights=weights)
 
 
@@ -684,8 +665,8 @@ def cls_data(tmp_path_factory):
 def test_dfq_tool_adapts_a_timm_swin(cls_data, adapter):
     root = cls_data['root']
     cfg = root / f'tiny_{adapter}.py'
-    cfg.write_text(ADAPTER_CFGS[adapter].format(repo=REPO) + CFG_HEAD.format(
-        swin=SWIN, kwargs=repr(dict(TINY_SWIN)), val=cls_data['val']))
+    cfg.write_text(ADAPTER_CFGS[adapter].format(repo=REPO) +
+                   tiny_cls_overrides(SWIN, TINY_SWIN, cls_data['val']))
     work = str(root / f'work_{adapter}')
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
     res = subprocess.run(

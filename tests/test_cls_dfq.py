@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import (TIMM_DEIT, TIMM_SWIN, TINY_TIMM_DEIT,
-                         TINY_TIMM_SWIN, tiny_timm)  # noqa: E402
+from tiny_models import (TIMM_DEIT, TIMM_SWIN, TINY_TIMM_DEIT,  # noqa: E402
+                         TINY_TIMM_SWIN, tiny_cls_overrides,
+                         tiny_timm, write_class_folders)
 
 from dfq_dense.quant import (QuantTimmAttention,  # noqa: E402
                              QuantTimmWindowAttention, enable_calibration,
@@ -309,36 +310,18 @@ def test_psaq_classifier_label_loss():
 # --------------------------------------------------------------------------
 # tools/dfq_test.py on a timm classifier
 # --------------------------------------------------------------------------
-WNIDS = ['n01440764', 'n01443537', 'n01484850']
-
-
 @pytest.fixture(scope='module')
 def cls_setup(tmp_path_factory):
-    from PIL import Image
     root = tmp_path_factory.mktemp('cls_dfq')
     val = root / 'val'
-    rng = np.random.RandomState(0)
-    for i, wnid in enumerate(WNIDS):
-        os.makedirs(val / wnid)
-        for j in range(2):
-            arr = rng.randint(0, 256, (40 + 7 * j, 36 + 5 * i, 3),
-                              dtype=np.uint8)
-            Image.fromarray(arr).save(val / wnid / f'img_{j}.JPEG')
+    write_class_folders(val)
     weights = str(root / 'tiny_swin.pth')
     torch.save(_swin(seed=1).state_dict(), weights)
-    kwargs = repr(dict(TINY_SWIN))
     cfg = root / 'tiny_swin_w8a8.py'
     cfg.write_text(f"""_base_ = [
     '{REPO}/configs/cls/swin_t_w8a8.py',
 ]
-data_config = dict(input_size=(3, 32, 32))
-model = dict(model_name='{SWIN}', num_classes=3, model_kwargs={kwargs},
-             data_config=data_config)
-test_dataloader = dict(
-    batch_size=3, num_workers=0, persistent_workers=False,
-    dataset=dict(data_root='{val}', model_name='{SWIN}',
-                 model_kwargs={kwargs}, data_config=data_config,
-                 num_classes=3))
+{tiny_cls_overrides(SWIN, TINY_SWIN, val)}
 dfq = dict(synthesizer=dict(num_images=4, batch_size=2, iterations=2,
                             synth_rounds=1, progress=False),
            calib_batch_size=2)

@@ -30,7 +30,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tiny_models import (TIMM_DEIT, TIMM_SWIN, Wrap, tiny_timm)  # noqa: E402
+from tiny_models import (TIMM_DEIT, TIMM_SWIN, Wrap,  # noqa: E402
+                         tiny_cls_overrides, tiny_timm,
+                         write_class_folders)
 
 from dfq_dense.quant import (QuantLinear, enable_calibration,  # noqa: E402
                              finish_calibration, quantize_model,
@@ -402,21 +404,12 @@ def test_demo_real_images_baseline(demo_runs):
 # --------------------------------------------------------------------------
 # a tiny timm DeiT through tools/dfq_test.py
 # --------------------------------------------------------------------------
-WNIDS = ['n01440764', 'n01443537', 'n01484850']
-
-
 @pytest.fixture(scope='module')
 def deit_setup(tmp_path_factory):
     from PIL import Image
     root = tmp_path_factory.mktemp('cls_deit')
     val = root / 'val'
-    rng = np.random.RandomState(0)
-    for i, wnid in enumerate(WNIDS):
-        os.makedirs(val / wnid)
-        for j in range(2):
-            arr = rng.randint(0, 256, (40 + 7 * j, 36 + 5 * i, 3),
-                              dtype=np.uint8)
-            Image.fromarray(arr).save(val / wnid / f'img_{j}.JPEG')
+    rng = write_class_folders(val)
     # training images of other sizes for the real-image baseline
     train = root / 'train'
     os.makedirs(train)
@@ -426,7 +419,6 @@ def deit_setup(tmp_path_factory):
         Image.fromarray(arr).save(train / f'img_{j}.JPEG')
     weights = str(root / 'tiny_deit.pth')
     torch.save(_tiny('deit', seed=1).state_dict(), weights)
-    kwargs = repr(dict(TINY['deit'][1]))
     configs = {}
     for name, method in [(s, 'gaussian_noise') for s in SETTINGS] + [
             ('real', 'real_images')]:
@@ -439,14 +431,7 @@ def deit_setup(tmp_path_factory):
     '{QUANTIZERS}/{quantizer}.py',
     '{REPO}/configs/_base_/bits/w8a8.py',
 ]
-data_config = dict(input_size=(3, 32, 32))
-model = dict(model_name='{DEIT}', num_classes=3, model_kwargs={kwargs},
-             data_config=data_config)
-test_dataloader = dict(
-    batch_size=3, num_workers=0, persistent_workers=False,
-    dataset=dict(data_root='{val}', model_name='{DEIT}',
-                 model_kwargs={kwargs}, data_config=data_config,
-                 num_classes=3))
+{tiny_cls_overrides(DEIT, TINY['deit'][1], val)}
 dfq = dict(synthesizer=dict(num_images=8, batch_size=8, progress=False),
            calib_batch_size=4)
 """)

@@ -61,3 +61,43 @@ class Wrap(torch.nn.Module):
 
     def forward(self, x):
         return self.backbone(x)
+
+
+#: Three ImageNet class folders for the tiny classifiers' val trees.
+WNIDS = ['n01440764', 'n01443537', 'n01484850']
+
+
+def write_class_folders(root, per_class=2, seed=0):
+    """A tiny ImageNet-style val tree ``root/<wnid>/img_<j>.JPEG`` (random
+    pixels, a different size per file, so the eval transform resizes);
+    returns the random state for further images."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+    rng = np.random.RandomState(seed)
+    for i, wnid in enumerate(WNIDS):
+        os.makedirs(os.path.join(root, wnid))
+        for j in range(per_class):
+            arr = rng.randint(0, 256, (40 + 7 * j, 36 + 5 * i, 3),
+                              dtype=np.uint8)
+            Image.fromarray(arr).save(
+                os.path.join(root, wnid, f'img_{j}.JPEG'))
+    return rng
+
+
+def tiny_cls_overrides(model_name, model_kwargs, val_root,
+                       num_classes=len(WNIDS)):
+    """Config lines that put a tiny timm classifier (32x32 input) and the
+    val tree of :func:`write_class_folders` into a classification config."""
+    kwargs = repr(dict(model_kwargs))
+    return f"""
+data_config = dict(input_size=(3, 32, 32))
+model = dict(model_name='{model_name}', num_classes={num_classes},
+             model_kwargs={kwargs}, data_config=data_config)
+test_dataloader = dict(
+    batch_size=3, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root='{val_root}', model_name='{model_name}',
+                 model_kwargs={kwargs}, data_config=data_config,
+                 num_classes={num_classes}))
+"""
