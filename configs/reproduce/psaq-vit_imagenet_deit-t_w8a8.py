@@ -3,7 +3,9 @@
 # ImageNet-1k val (quoted: top-1 71.56, FP 72.21).
 # The official code's recipe (zkkli/PSAQ-ViT, generate_data.py and
 # test_quant.py): one batch of 32 images synthesized with the cross-entropy
-# to random labels on, Adam lr 0.20 (DeiT), naive min/max quantizer;
+# to random labels on, Adam lr 0.20 (DeiT), min/max quantizer (naive.py: the
+# official weight and activation observers, at this suite's placement: see
+# the README's fidelity table);
 # its eval transform: bicubic resize of the shorter side to
 # floor(224 / crop_pct), centre crop 224, crop_pct 0.875 (DeiT).
 # The official weights file is used as it is (timm converts its keys):

@@ -3,7 +3,9 @@
 # ImageNet-1k val (quoted: top-1 71.79, FP 81.35).
 # The official code's recipe (zkkli/PSAQ-ViT, generate_data.py and
 # test_quant.py): one batch of 32 images synthesized with the cross-entropy
-# to random labels on, Adam lr 0.25 (Swin), naive min/max quantizer;
+# to random labels on, Adam lr 0.25 (Swin), min/max quantizer (naive.py: the
+# official weight and activation observers, at this suite's placement: see
+# the README's fidelity table);
 # its eval transform: bicubic resize of the shorter side to
 # floor(224 / crop_pct), centre crop 224, crop_pct 0.9 (Swin).
 # The official weights file is used as it is (timm converts its keys):
