@@ -350,8 +350,50 @@ def attention_matmuls(owner, a_bits, matmul1, matmul2, softmax_quant):
         owner.matmul2.quantizer_a = SoftmaxQuantizer(**sq)
 
 
+class WindowAttentionParts:
+    """What the quantized window attentions (mmdet's / mmseg's
+    :class:`QuantWindowMSA`, timm's
+    :class:`~dfq_dense.quant.timm_modules.QuantTimmWindowAttention`) share:
+    the FP module's parameters and layers taken over as they are (the
+    state-dict keys unchanged), the two quantized matmuls, and the padding
+    value of the LayerNorm reparameterisation."""
+
+    def _adopt_window_attention(self, module, a_bits, matmul1, matmul2,
+                                softmax_quant):
+        self.relative_position_bias_table = \
+            module.relative_position_bias_table
+        persistent = 'relative_position_index' not in \
+            module._non_persistent_buffers_set
+        self.register_buffer('relative_position_index',
+                             module.relative_position_index,
+                             persistent=persistent)
+        self.qkv = module.qkv
+        self.attn_drop = module.attn_drop
+        self.proj = module.proj
+        self.proj_drop = module.proj_drop
+        self.softmax = module.softmax
+        attention_matmuls(self, a_bits, matmul1, matmul2, softmax_quant)
+        # Set by the LayerNorm reparameterisation (see reparam.py).
+        self.register_buffer('pad_value', None)
+
+    def set_pad_value(self, value):
+        """What a zero-padding token must be after the LayerNorm in front of
+        ``qkv`` was reparameterised (``y -> y / r1 + s * r2``): the image of
+        0, so padded windows give the same ``qkv`` output as before."""
+        self.pad_value = value
+
+    def _restore_padding(self, x):
+        # The Swin blocks (mmdet's, mmseg's, timm's) pad the LayerNorm
+        # output with zero tokens; a real token is never exactly the zero
+        # vector.
+        pad = (x == 0).all(dim=-1, keepdim=True)
+        if not bool(pad.any()):
+            return x
+        return torch.where(pad, self.pad_value.to(x), x)
+
+
 @MODELS.register_module()
-class QuantWindowMSA(nn.Module):
+class QuantWindowMSA(WindowAttentionParts, nn.Module):
     """Quantized replacement of Swin's ``WindowMSA`` (mmdet's and mmseg's).
 
     Shares ``qkv``, ``proj``, ``relative_position_bias_table``,
@@ -386,38 +428,11 @@ class QuantWindowMSA(nn.Module):
         self.num_heads = module.num_heads
         self.scale = module.scale
         self.init_cfg = copy.deepcopy(getattr(module, 'init_cfg', None))
-        self.relative_position_bias_table = \
-            module.relative_position_bias_table
-        index = module.relative_position_index
-        persistent = 'relative_position_index' not in \
-            module._non_persistent_buffers_set
-        self.register_buffer('relative_position_index', index,
-                             persistent=persistent)
-        self.qkv = module.qkv
-        self.attn_drop = module.attn_drop
-        self.proj = module.proj
-        self.proj_drop = module.proj_drop
-        self.softmax = module.softmax
-        attention_matmuls(self, a_bits, matmul1, matmul2, softmax_quant)
-        # Set by the LayerNorm reparameterisation (see reparam.py).
-        self.register_buffer('pad_value', None)
+        self._adopt_window_attention(module, a_bits, matmul1, matmul2,
+                                     softmax_quant)
 
     def init_weights(self):
         trunc_normal_(self.relative_position_bias_table, std=0.02)
-
-    def set_pad_value(self, value):
-        """What a zero-padding token must be after the LayerNorm in front of
-        ``qkv`` was reparameterised (``y -> y / r1 + s * r2``): the image of
-        0, so padded windows give the same ``qkv`` output as before."""
-        self.pad_value = value
-
-    def _restore_padding(self, x):
-        # ShiftWindowMSA pads the LayerNorm output with zero tokens; a real
-        # token is never exactly the zero vector.
-        pad = (x == 0).all(dim=-1, keepdim=True)
-        if not bool(pad.any()):
-            return x
-        return torch.where(pad, self.pad_value.to(x), x)
 
     def forward(self, x, mask=None):
         """Same as ``WindowMSA.forward`` with the two matmuls quantized.

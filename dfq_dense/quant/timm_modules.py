@@ -24,18 +24,17 @@ are timm's; only the quantizers are added.  The surrounding
 their own forward: their ``nn.Linear`` layers (``mlp.fc1``, ``mlp.fc2``,
 ``downsample.reduction``, ``head``) are converted like any Linear.
 """
-import torch
 import torch.nn as nn
 
 from ..registry import MODELS
-from .modules import attention_matmuls
+from .modules import WindowAttentionParts, attention_matmuls
 
 __all__ = ['QuantTimmWindowAttention', 'QuantTimmAttention',
            'timm_attention_wrappers']
 
 
 @MODELS.register_module()
-class QuantTimmWindowAttention(nn.Module):
+class QuantTimmWindowAttention(WindowAttentionParts, nn.Module):
     """Quantized timm Swin ``WindowAttention`` (explicit attention).
 
     Args:
@@ -55,32 +54,8 @@ class QuantTimmWindowAttention(nn.Module):
         self.window_area = module.window_area
         self.num_heads = module.num_heads
         self.scale = module.scale
-        self.relative_position_bias_table = \
-            module.relative_position_bias_table
-        persistent = 'relative_position_index' not in \
-            module._non_persistent_buffers_set
-        self.register_buffer('relative_position_index',
-                             module.relative_position_index,
-                             persistent=persistent)
-        self.qkv = module.qkv
-        self.attn_drop = module.attn_drop
-        self.proj = module.proj
-        self.proj_drop = module.proj_drop
-        self.softmax = module.softmax
-        attention_matmuls(self, a_bits, matmul1, matmul2, softmax_quant)
-        # Set by the LayerNorm reparameterisation (see reparam.py): timm's
-        # block pads the norm1 output with zero tokens as mmdet's does.
-        self.register_buffer('pad_value', None)
-
-    def set_pad_value(self, value):
-        """See :meth:`QuantWindowMSA.set_pad_value`."""
-        self.pad_value = value
-
-    def _restore_padding(self, x):
-        pad = (x == 0).all(dim=-1, keepdim=True)
-        if not bool(pad.any()):
-            return x
-        return torch.where(pad, self.pad_value.to(x), x)
+        self._adopt_window_attention(module, a_bits, matmul1, matmul2,
+                                     softmax_quant)
 
     def _get_rel_pos_bias(self):
         bias = self.relative_position_bias_table[
