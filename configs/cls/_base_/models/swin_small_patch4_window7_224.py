@@ -8,14 +8,8 @@
 # if it holds the file, else the build stops with one line naming what to
 # download.
 
-_base_ = ['../datasets/imagenet_val.py']
+_base_ = ['./timm_classifier.py']
 
 model_name = 'swin_small_patch4_window7_224.ms_in1k'
-model = dict(
-    type='dfq_dense.TimmClassifier',
-    model_name=model_name,
-    num_classes=1000,
-    checkpoint=None)
-# The eval transform (resize, crop_pct, interpolation) is that of the same
-# weights: timm's pretrained_cfg of model_name.
+model = dict(model_name=model_name)
 test_dataloader = dict(dataset=dict(model_name=model_name))
