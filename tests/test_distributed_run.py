@@ -5,8 +5,13 @@ goes through mmengine's ``init_dist`` (gloo here, no GPU), shards the
 synthesis batches and the calibration batches across the two ranks and
 must give exactly what one process gives: the same images, the same
 quantization parameters (percentile activations, whose samples are merged
-across ranks) and the same metrics.  Slow (two demo runs, about 2 minutes
-on 2 cores).
+across ranks) and the same metrics.  Slow (two demo runs, about 30 s on 2
+cores).
+
+Every rank must also leave with its process group torn down: a rank that
+exited with gloo's group alive while the other still ran aborted now and
+then in C++ ("terminate called without an active exception", exit -6) and
+torchrun killed the whole run.
 """
 import json
 import os
@@ -29,12 +34,32 @@ OPTS = [
 ]
 
 
+# tools/dfq_test.py, then a line saying whether the rank's process group
+# is still alive when the tool returns.
+CHECK_TEARDOWN = """
+import runpy, sys
+import torch.distributed as dist
+
+sys.argv[0] = {tool!r}
+try:
+    runpy.run_path({tool!r}, run_name='__main__')
+    code = 0
+except SystemExit as err:
+    code = err.code
+alive = dist.is_initialized()
+print(f'process group alive at exit: {{alive}}', file=sys.stderr)
+sys.exit(1 if alive else code)
+"""
+
+
 def _run(cmd, work):
     proc = subprocess.run(
         cmd + [CONFIG, '--work-dir', str(work), '--cfg-options'] + OPTS,
         capture_output=True, text=True, cwd=REPO, timeout=900,
         env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if 'torch.distributed.run' in cmd:
+        assert proc.stderr.count('process group alive at exit: False') == 2
     with open(work / 'dfq_results.json') as f:
         results = json.load(f)
     images = torch.load(str(work / 'synthetic' / 'synthetic_images.pth'),
@@ -47,8 +72,10 @@ def _run(cmd, work):
 def test_two_processes_give_what_one_process_gives(tmp_path, demo_data_root):
     tool = osp.join(REPO, 'tools', 'dfq_test.py')
     one = _run([sys.executable, tool], tmp_path / 'one')
+    wrapped = tmp_path / 'dfq_test_teardown.py'
+    wrapped.write_text(CHECK_TEARDOWN.format(tool=tool))
     two = _run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                '--nproc_per_node=2', tool, '--launcher', 'pytorch'],
+                '--nproc_per_node=2', str(wrapped), '--launcher', 'pytorch'],
                tmp_path / 'two')
     assert one[0]['world_size'] == 1 and two[0]['world_size'] == 2
     assert torch.equal(one[1], two[1])

@@ -97,8 +97,7 @@ def run_dfq(config, checkpoint=None, work_dir=None, cfg_options=None,
     prints a short table and returns the results record (rank 0; None on
     the other ranks)."""
     import torch
-    from mmengine.dist import get_rank, get_world_size
-    from mmengine.runner import Runner
+    from mmengine.dist import barrier, is_distributed
 
     from ..demo import sha256sum
     from .dfq_config import parse_dfq_config
@@ -110,7 +109,6 @@ def run_dfq(config, checkpoint=None, work_dir=None, cfg_options=None,
                                          task_of, work_dir_of)
     from ..quant.io import QuantParamsError, read_quant_params
     from ..utils.checkpoint import CheckpointReadError
-    from ..utils.fileio import write_json_atomic
 
     # Input checks: each stops with one line before the Runner exists, so a
     # bad input leaves nothing behind in the work dir.
@@ -197,8 +195,33 @@ def run_dfq(config, checkpoint=None, work_dir=None, cfg_options=None,
     cfg.dfq_run = dict(checkpoint=checkpoint,
                        checkpoint_sha256=None if checkpoint is None
                        else sha256sum(checkpoint))
-    if launcher != 'none':
-        init_distributed(cfg, launcher)
+    if launcher == 'none':
+        return _test_and_record(cfg, dfq, task, config)
+    init_distributed(cfg, launcher)
+    try:
+        results = _test_and_record(cfg, dfq, task, config)
+        # The other ranks wait for rank 0's results file (a run is over
+        # when its record is written) ...
+        barrier()
+        return results
+    finally:
+        # ... and every rank, failed or not, tears its process group down
+        # before it exits: a rank leaving with gloo's group alive while
+        # another still talks to it can abort in C++ ("terminate called
+        # without an active exception", exit -6), and torchrun then kills
+        # the run.
+        if is_distributed():
+            torch.distributed.destroy_process_group()
+
+
+def _test_and_record(cfg, dfq, task, config):
+    """Runs the checked ``cfg`` through mmengine's Runner; rank 0 writes
+    and returns the results record, the other ranks return None."""
+    import torch
+    from mmengine.dist import get_rank, get_world_size
+    from mmengine.runner import Runner
+
+    from ..utils.fileio import write_json_atomic
 
     start = time.time()
     runner = Runner.from_cfg(cfg)
@@ -211,7 +234,7 @@ def run_dfq(config, checkpoint=None, work_dir=None, cfg_options=None,
         config=config,
         run_id=report['run_id'],
         checkpoint=dict(
-            path=checkpoint,
+            path=cfg.dfq_run['checkpoint'],
             sha256=cfg.dfq_run['checkpoint_sha256']),
         method=report['method'],
         w_bits=dfq.quantizer.w_bits,
