@@ -24,3 +24,16 @@ def demo_data_root(tmp_path_factory):
     root = generate_demo_dataset(os.path.join(REPO, 'data', 'dfq_demo'))
     generate_demo_crops(root)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _no_logger_from_an_earlier_test():
+    """mmengine keeps its current MMLogger between tests, and its console
+    handler writes to the ``sys.stdout`` of the test that built it (pytest's
+    capture, closed when that test ends): a later ``print_log`` through it
+    writes "--- Logging error ---" on stderr, which breaks the one-line
+    stderr checks of whatever test runs next.  Each test starts without
+    the loggers of the ones before."""
+    yield
+    from mmengine.logging import MMLogger
+    MMLogger._instance_dict.clear()
