@@ -325,6 +325,50 @@ def test_flops_counts_a_known_layer():
     assert count(lambda: lin(x)) == 2 * 4 * 16 * 32
     # backward to the input and the weight: two more matmuls of that size
     assert count(lambda: lin(x).sum().backward()) == 3 * 2 * 4 * 16 * 32
+    # the fused attention of timm's DeiT on the CPU: q k^T and attn v
+    q = torch.randn(2, 3, 10, 8)
+    assert count(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, q, q)) == 2 * (2 * 2 * 3 * 10 * 10 * 8)
+
+
+def test_flops_merge_keeps_the_other_models_rows(tmp_path):
+    """``flops --merge``: the rows of the models not counted again stay as
+    they were (with the commit they were counted at); a classifier gets
+    its eval row and PSAQ-ViT's and V2's iterations only."""
+    from dfq_dense.bench.common import write_result
+    out = str(tmp_path / 'flops.json')
+    old = dict(models={'upernet_swin_t': dict(config='configs/x.py',
+                                              size=[512, 512])},
+               methods=['psaq_vit', 'mimiq'], seed=0, wall_seconds=5.,
+               rows=[dict(kind='eval', model='upernet_swin_t', flops=7),
+                     dict(kind='synthesis', model='upernet_swin_t',
+                          method='mimiq', flops=3)])
+    write_result(out, 'flops', old, dict(git_commit='abc', git_dirty=False,
+                                         time='t0'))
+    assert benchmark.main(['flops', '--merge', '--models',
+                           'deit_tiny_patch16_224', '--methods', 'psaq_vit',
+                           'psaq_vit_v2', 'mimiq', '--device', 'cpu',
+                           '--out', out]) == 0
+    with open(out) as f:
+        new = section_of(json.load(f), 'flops')
+    assert list(new['models']) == ['upernet_swin_t', 'deit_tiny_patch16_224']
+    assert new['methods'] == ['psaq_vit', 'mimiq', 'psaq_vit_v2']
+    kept = new['rows'][:2]
+    assert [dict(r, counted_at=None) for r in kept] == [
+        dict(r, counted_at=None) for r in old['rows']]
+    assert kept[0]['counted_at'] == dict(commit='abc', dirty=False,
+                                         time='t0')
+    rows = {(r['kind'], r.get('method')): r['flops'] for r in new['rows'][2:]}
+    assert set(rows) == {('eval', None), ('synthesis', 'psaq_vit'),
+                         ('synthesis', 'psaq_vit_v2')}
+    # DeiT-T: 1.3 GMACs a forward (timm's model card)
+    assert rows[('eval', None)] / 1e9 == pytest.approx(2.5, abs=0.05)
+    assert rows[('synthesis', 'psaq_vit')] > 2 * rows[('eval', None)]
+    # V2's sample step: teacher and student, forward and backward each
+    assert rows[('synthesis', 'psaq_vit_v2')] > \
+        4 * rows[('eval', None)]
+    from dfq_dense.bench import flops
+    assert 'counted earlier, at commit abc' in flops.markdown(new)
 
 
 def test_cli_lists_the_sections_and_the_old_names_remain():

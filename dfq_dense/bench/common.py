@@ -84,6 +84,19 @@ def load_config(path):
     return _load(path if osp.isabs(path) else osp.join(REPO, path))
 
 
+def random_weights(cfg):
+    """``cfg`` (in place, returned) with its timm classifier built on
+    timm's random init (``pretrained=False``, no weights file): the
+    benchmarks count and time random weights, and a classifier config
+    would otherwise look for its release file.  Other models load nothing
+    at build time: unchanged."""
+    from ..engine.dfq_loop import is_classifier_cfg
+    if is_classifier_cfg(cfg):
+        cfg.model.pretrained = False
+        cfg.model.checkpoint = None
+    return cfg
+
+
 # ------------------------------------------------------------------- JSON
 def write_result(path, name, result, env):
     """Store ``result`` (with ``environment=env``) as ``sections[name]`` of

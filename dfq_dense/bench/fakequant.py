@@ -25,7 +25,7 @@ import os.path as osp
 import statistics
 import time
 
-from .common import REPO, load_config, markdown_table
+from .common import REPO, load_config, markdown_table, random_weights
 
 NAME = 'fakequant'
 HELP = 'fake-quant W8A8 evaluation forward vs FP'
@@ -57,7 +57,7 @@ def build_model(config, checkpoint, seed):
 
     from ..engine import model_checks
     from ..engine.runner import task_of
-    cfg = load_config(config)
+    cfg = random_weights(load_config(config))
     torch.manual_seed(seed)
     model = model_checks.build_model(cfg)
     if checkpoint:

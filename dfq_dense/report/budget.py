@@ -5,8 +5,8 @@ committed benchmark results
 (``results/benchmarks/``: ``flops.json``, ``synthesis.json``, ``fit.json``)
 with each real config's own schedule (its synthesizer's images, batch,
 rounds and iterations; calibration on those images; evaluation on COCO
-val2017, 5000 images, or ADE20K val, 2000) into a wall-time and memory
-budget per real model, on one GPU and on eight.
+val2017, 5000 images, ADE20K val, 2000, or ImageNet val, 50000) into a
+wall-time and memory budget per real model, on one GPU and on eight.
 
 GPU times are **estimates**: no GPU has been measured.  Each stage's FLOPs
 (``flops`` section: matmuls and convolutions; the elementwise work of the
@@ -49,8 +49,9 @@ METHODS = {
 #: Assumed sustained throughput of one GPU (TFLOPS): about half of an
 #: A100's FP32 peak of 19.5, PyTorch's default precision for matmuls.
 TFLOPS = 10.0
-#: Evaluation images of the real configs' test sets.
-EVAL_IMAGES = {'det': 5000, 'seg': 2000}
+#: Evaluation images of the real configs' test sets (COCO val2017, ADE20K
+#: val, ImageNet-1k val).
+EVAL_IMAGES = {'det': 5000, 'seg': 2000, 'cls': 50000}
 GPUS = (1, 8)
 #: synthesis.json backbones per real model (800x1333 rows only).
 _SYNTH_BACKBONE = {'mask_rcnn_swin_t': 'swin_t', 'mask_rcnn_swin_t_1x':

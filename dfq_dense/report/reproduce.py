@@ -6,18 +6,20 @@ method, quantizer and bits, its official checkpoint as
 ``official_checkpoint``), the conversion and test commands, the quoted
 figure, and the estimated time of the run on one GPU and on eight from the
 benchmark's FLOP counts (:func:`dfq_dense.report.budget.estimate_run`).
-Rows without a config say so; the classification rows have no time
-estimate (the FLOP counts cover the detectors and segmentors).
+Rows without a config say so.
 """
 import os.path as osp
 
 from ..zoo.published import load_published
-from .budget import TFLOPS, estimate_run, load_results, schedule
+# _t: the budget's rounding of a time (h, min, and s under a minute: the
+# smaller classifiers, RepQ-ViT on eight GPUs)
+from .budget import TFLOPS, _t, estimate_run, load_results, schedule
 from .tables import ROOT as REPO
 from .tables import markdown_table
 
 #: (model, backbone) of a published row -> its model in the FLOP counts and
-#: the converter's --model.
+#: the converter's --model (the dense models; a classifier's file is read
+#: as it is, its key is its timm model's).
 MODELS = {
     ('Mask R-CNN', 'Swin-T'): 'mask_rcnn_swin_t',
     ('Mask R-CNN', 'Swin-S'): 'mask_rcnn_swin_s',
@@ -26,6 +28,11 @@ MODELS = {
     ('UperNet', 'Swin-T'): 'upernet_swin_t',
     ('UperNet', 'Swin-S'): 'upernet_swin_s',
     ('UperNet', 'Swin-B'): 'upernet_swin_b',
+    ('DeiT-T classifier', 'DeiT-T'): 'deit_tiny_patch16_224',
+    ('DeiT-S classifier', 'DeiT-S'): 'deit_small_patch16_224',
+    ('DeiT-B classifier', 'DeiT-B'): 'deit_base_patch16_224',
+    ('Swin-T classifier', 'Swin-T'): 'swin_tiny_patch4_window7_224',
+    ('Swin-S classifier', 'Swin-S'): 'swin_small_patch4_window7_224',
 }
 
 
@@ -90,11 +97,6 @@ def _not_counted(sched):
     return ' + adapter' if sched.get('adapter') else ''
 
 
-def _t(seconds):
-    return f'{seconds / 3600:.1f} h' if seconds >= 3600 else \
-        f'{seconds / 60:.0f} min'
-
-
 def markdown(rows, tflops=TFLOPS):
     table = []
     for r in rows:
@@ -109,14 +111,11 @@ def markdown(rows, tflops=TFLOPS):
         # (timm's own key filter); the dense models' files are converted.
         how = '(as it is)' if r['task'] == 'classification' else \
             f'(convert: `--model {r["model"]}`)'
-        # The FLOP counts cover the dense models only: no estimate for
-        # the classifiers.
-        none = 'no FLOP count' if r['task'] == 'classification' else '-'
         table.append([
             f'`{r["id"]}`', r['method'], r['what'], r['figure'],
             f'`{r["checkpoint"]}` {how}', f'`{r["config"]}`',
-            _t(est['gpus']['1']['total_s']) + extra if est else none,
-            _t(est['gpus']['8']['total_s']) + extra if est else none])
+            _t(est['gpus']['1']['total_s']) + extra if est else '-',
+            _t(est['gpus']['8']['total_s']) + extra if est else '-'])
     return markdown_table(
         ['published row', 'method', 'model, bits', 'quoted figure',
          'official checkpoint', 'config', f'1 GPU (estimate, {tflops:g} '
