@@ -127,3 +127,33 @@ def test_val_crops_load_as_a_class_folder_tree(demo_data_root):
                        torch.from_numpy(rgb.copy()).permute(2, 0, 1))
     assert int(sample['data_samples'].gt_label) == int(
         osp.basename(osp.dirname(path)).split('_')[0])
+
+
+def test_an_interrupted_regeneration_keeps_the_old_crops(tmp_path,
+                                                         monkeypatch):
+    """The crops are built in a temporary sibling folder
+    (``utils.fileio.atomic_dir``): a write that fails half-way leaves the
+    crops that were there, and no temporary folder."""
+    from dfq_dense.demo import generate_demo_dataset
+    root = generate_demo_dataset(str(tmp_path / 'demo'),
+                                 splits=dict(train=2, val=8))
+    out = generate_demo_crops(root)
+    with open(osp.join(out, 'crops.json')) as f:
+        old = json.load(f)
+    files = sorted(f for _, _, fs in os.walk(out) for f in fs)
+    written, imwrite = [], cv2.imwrite
+
+    def failing_imwrite(path, img):
+        if len(written) == 3:
+            raise OSError('disk full')
+        written.append(path)
+        return imwrite(path, img)
+
+    monkeypatch.setattr(cv2, 'imwrite', failing_imwrite)
+    with pytest.raises(OSError, match='disk full'):
+        generate_demo_crops(root, size=32)
+    assert len(written) == 3  # it did write into the temporary tree
+    with open(osp.join(out, 'crops.json')) as f:
+        assert json.load(f) == old
+    assert sorted(f for _, _, fs in os.walk(out) for f in fs) == files
+    assert not [d for d in os.listdir(root) if d.startswith('.crops-')]

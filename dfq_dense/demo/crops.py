@@ -25,11 +25,10 @@ real scene.
 import json
 import os
 import os.path as osp
-import shutil
-import tempfile
 
 import numpy as np
 
+from ..utils.fileio import atomic_dir
 from .dataset import SPLIT_DIRS, THING_CLASSES
 
 CROPS_VERSION = 1
@@ -84,8 +83,7 @@ def generate_demo_crops(root, size=DEFAULT_CROPS['size'],
         found.pop('counts', None)
         if found == stamp:
             return out
-    tmp = tempfile.mkdtemp(prefix='.crops-', dir=root)
-    try:
+    with atomic_dir(out, prefix='.crops-') as tmp:
         counts = {}
         for split in SPLITS:
             ann_file = osp.join(root, 'annotations', f'instances_{split}.json')
@@ -120,10 +118,4 @@ def generate_demo_crops(root, size=DEFAULT_CROPS['size'],
             counts[split] = n
         with open(osp.join(tmp, 'crops.json'), 'w') as f:
             json.dump(dict(stamp, counts=counts), f)
-        if osp.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

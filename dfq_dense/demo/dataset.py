@@ -19,12 +19,12 @@ import hashlib
 import json
 import os
 import os.path as osp
-import shutil
-import tempfile
 
 import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
+
+from ..utils.fileio import atomic_dir
 
 GENERATOR_VERSION = 1
 DEFAULT_SEED = 2024
@@ -261,10 +261,7 @@ def generate_demo_dataset(root, seed=DEFAULT_SEED, size=DEFAULT_SIZE,
         with open(stamp_file) as f:
             if json.load(f) == stamp:
                 return root
-    parent = osp.dirname(osp.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.demo-', dir=parent)
-    try:
+    with atomic_dir(root, prefix='.demo-') as tmp:
         categories = [dict(id=i + 1, name=n, supercategory='shape')
                       for i, n in enumerate(THING_CLASSES)]
         for split, count in splits.items():
@@ -289,10 +286,4 @@ def generate_demo_dataset(root, seed=DEFAULT_SEED, size=DEFAULT_SIZE,
                                categories=categories), f)
         with open(osp.join(tmp, 'dataset.json'), 'w') as f:
             json.dump(stamp, f)
-        if osp.exists(root):
-            shutil.rmtree(root)
-        os.rename(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root

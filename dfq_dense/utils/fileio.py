@@ -8,10 +8,13 @@ removed, the destination keeps its old content (or stays absent), and so do
 the folders :func:`atomic_path` created for it.  An ``OSError`` that carries
 no path, or the temporary one, is re-raised with the destination path, so
 that the one-line error names the file the user asked for.
+:func:`atomic_dir` does the same for a whole tree (the demo dataset, its
+crops).
 """
 import json
 import os
 import os.path as osp
+import shutil
 import tempfile
 from contextlib import contextmanager
 
@@ -64,6 +67,24 @@ def atomic_path(path, suffix=''):
                 break
         if isinstance(err, OSError) and err.filename in (None, tmp):
             err.filename = path
+        raise
+
+
+@contextmanager
+def atomic_dir(path, prefix='.tmp.'):
+    """Yield a temporary sibling folder of ``path`` to build a tree in; on
+    success it replaces ``path`` (an older tree there is removed), on error
+    it is removed: an interrupted writer leaves no half-written tree."""
+    parent = osp.dirname(osp.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        if osp.exists(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
